@@ -1,0 +1,164 @@
+//! One backend server and its health state. The state is written by
+//! passive failures and active probes and read lock-free on every pick.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use crate::metrics::Metrics;
+
+/// Milliseconds since the process started: a cheap monotonic clock that
+/// fits in an atomic.
+pub fn now_ms() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+/// Label handles resolved once, so the connection path does no lookups.
+pub struct BackendMetrics {
+    pub up: IntGauge,
+    pub active: IntGauge,
+    pub connect_failures: IntCounter,
+    pub connect_seconds: Histogram,
+    pub selections: IntCounter,
+    pub checks_ok: IntCounter,
+    pub checks_fail: IntCounter,
+}
+
+impl BackendMetrics {
+    fn new(m: &Metrics, pool: &str, addr: &str) -> Self {
+        let l = &[pool, addr];
+        BackendMetrics {
+            up: m.backend_up.with_label_values(l),
+            active: m.backend_active.with_label_values(l),
+            connect_failures: m.backend_connect_failures.with_label_values(l),
+            connect_seconds: m.backend_connect_seconds.with_label_values(l),
+            selections: m.pool_selections.with_label_values(l),
+            checks_ok: m.health_checks.with_label_values(&[pool, addr, "ok"]),
+            checks_fail: m.health_checks.with_label_values(&[pool, addr, "fail"]),
+        }
+    }
+}
+
+pub struct Backend {
+    pub addr: SocketAddr,
+    pub pool: String,
+    pub metrics: BackendMetrics,
+    /// Open connections (for least_conn and p2c).
+    active: AtomicU32,
+    /// Passive health: failures counted since `window_start_ms`.
+    fails: AtomicU32,
+    window_start_ms: AtomicU64,
+    /// Passive health: out of rotation until this time (0 = not out).
+    down_until_ms: AtomicU64,
+    /// Active health: last verdict of the probes (true without probes).
+    check_up: AtomicBool,
+    /// What the state watcher last reported, to log transitions once.
+    reported_up: AtomicBool,
+}
+
+/// Passive-health thresholds, copied from the pool plan.
+#[derive(Debug, Clone, Copy)]
+pub struct PassivePolicy {
+    pub max_fails: u32,
+    pub fail_timeout: Duration,
+}
+
+impl Backend {
+    pub fn new(m: &Metrics, pool: &str, addr: SocketAddr) -> Self {
+        let metrics = BackendMetrics::new(m, pool, &addr.to_string());
+        metrics.up.set(1);
+        Backend {
+            addr,
+            pool: pool.to_string(),
+            metrics,
+            active: AtomicU32::new(0),
+            fails: AtomicU32::new(0),
+            window_start_ms: AtomicU64::new(0),
+            down_until_ms: AtomicU64::new(0),
+            check_up: AtomicBool::new(true),
+            reported_up: AtomicBool::new(true),
+        }
+    }
+
+    /// Eligible for new connections right now.
+    pub fn is_up(&self) -> bool {
+        self.is_up_at(now_ms())
+    }
+
+    pub fn is_up_at(&self, now: u64) -> bool {
+        self.check_up.load(Ordering::Relaxed) && self.down_until_ms.load(Ordering::Relaxed) <= now
+    }
+
+    pub fn active(&self) -> u32 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Count an open connection until the guard is dropped.
+    pub fn track(self: &std::sync::Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
+        ActiveGuard(self.clone())
+    }
+
+    /// A connect to this backend failed: nginx semantics, `max_fails`
+    /// failures within `fail_timeout` take it out for `fail_timeout`.
+    /// Returns true when this failure took the backend out.
+    pub fn record_failure(&self, policy: PassivePolicy) -> bool {
+        self.metrics.connect_failures.inc();
+        let now = now_ms();
+        let window = policy.fail_timeout.as_millis() as u64;
+        let start = self.window_start_ms.load(Ordering::Relaxed);
+        let fails = if start == 0 || now.saturating_sub(start) > window {
+            self.window_start_ms.store(now, Ordering::Relaxed);
+            self.fails.store(1, Ordering::Relaxed);
+            1
+        } else {
+            self.fails.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        if fails >= policy.max_fails && self.down_until_ms.load(Ordering::Relaxed) <= now {
+            self.down_until_ms
+                .store(now + window.max(1), Ordering::Relaxed);
+            self.fails.store(0, Ordering::Relaxed);
+            self.window_start_ms.store(0, Ordering::Relaxed);
+            self.metrics.up.set(0);
+            if self.reported_up.swap(false, Ordering::Relaxed) {
+                tracing::warn!(pool = %self.pool, backend = %self.addr, fails, "backend down: connect failures (out for {:?})", policy.fail_timeout);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The verdict of active probes (rise/fall already applied).
+    pub fn set_check_up(&self, up: bool) {
+        self.check_up.store(up, Ordering::Relaxed);
+        self.refresh();
+    }
+
+    /// Update the `up` gauge and log a transition; called by the state
+    /// watcher because passive outages end by the clock, not by an event.
+    pub fn refresh(&self) {
+        let up = self.is_up();
+        self.metrics.up.set(up as i64);
+        if self.reported_up.swap(up, Ordering::Relaxed) != up {
+            if up {
+                tracing::info!(pool = %self.pool, backend = %self.addr, "backend up");
+            } else {
+                tracing::warn!(pool = %self.pool, backend = %self.addr, "backend down: health check failed");
+            }
+        }
+    }
+}
+
+pub struct ActiveGuard(std::sync::Arc<Backend>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.dec();
+    }
+}

@@ -1,0 +1,177 @@
+//! Active health checks: probe every backend of a pool on an interval and
+//! apply rise/fall before changing its state. Matters for active/standby
+//! server farms where the standby keeps its port open with the application
+//! stopped: only an HTTP probe tells them apart.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use super::pool::Pool;
+use crate::config::{CheckKind, HealthPlan};
+
+/// Start one probe loop per backend; abort the handles to stop them.
+pub fn spawn(pool: &Arc<Pool>) -> Vec<JoinHandle<()>> {
+    let Some(plan) = pool.plan.health_check.clone() else {
+        return Vec::new();
+    };
+    let tls = Arc::new(tls_probe_config());
+    (0..pool.members.len())
+        .map(|i| {
+            let pool = pool.clone();
+            let plan = plan.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move { probe_loop(pool, i, plan, tls).await })
+        })
+        .collect()
+}
+
+async fn probe_loop(pool: Arc<Pool>, i: usize, plan: HealthPlan, tls: Arc<rustls::ClientConfig>) {
+    let backend = pool.members[i].backend.clone();
+    // Spread probes of many backends over the interval.
+    let offset = plan.interval.mul_f64(fastrand::f64() * 0.5);
+    tokio::time::sleep(offset).await;
+    let (mut good, mut bad) = (0u32, 0u32);
+    let mut up = backend.is_up();
+    let mut tick = tokio::time::interval(plan.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let result = tokio::time::timeout(plan.timeout, probe(&plan, backend.addr, &tls))
+            .await
+            .unwrap_or_else(|_| Err(format!("no answer within {:?}", plan.timeout)));
+        match result {
+            Ok(()) => {
+                backend.metrics.checks_ok.inc();
+                bad = 0;
+                good += 1;
+                if !up && good >= plan.rise {
+                    up = true;
+                    backend.set_check_up(true);
+                }
+            }
+            Err(why) => {
+                backend.metrics.checks_fail.inc();
+                good = 0;
+                bad += 1;
+                if up && bad >= plan.fall {
+                    up = false;
+                    tracing::warn!(pool = %pool.name(), backend = %backend.addr, "health check failed {bad} times: {why}");
+                    backend.set_check_up(false);
+                }
+            }
+        }
+    }
+}
+
+async fn probe(
+    plan: &HealthPlan,
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<(), String> {
+    let stream = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    match plan.kind {
+        CheckKind::Tcp => Ok(()),
+        CheckKind::Tls => {
+            let name = plan
+                .server_name
+                .clone()
+                .unwrap_or_else(|| addr.ip().to_string());
+            let name = rustls::pki_types::ServerName::try_from(name)
+                .map_err(|e| format!("server_name: {e}"))?;
+            tokio_rustls::TlsConnector::from(tls.clone())
+                .connect(name, stream)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("TLS handshake: {e}"))
+        }
+        CheckKind::Http => {
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+            let driver = tokio::spawn(conn);
+            let host = plan.host.clone().unwrap_or_else(|| addr.to_string());
+            let req = hyper::Request::get(plan.path.as_str())
+                .header(hyper::header::HOST, host)
+                .header(hyper::header::USER_AGENT, "fleetgate-health-check")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| format!("request: {e}"))?;
+            let res = sender.send_request(req).await;
+            driver.abort();
+            let status = res.map_err(|e| format!("http: {e}"))?.status().as_u16();
+            if status == plan.expect {
+                Ok(())
+            } else {
+                Err(format!("status {status}, expected {}", plan.expect))
+            }
+        }
+    }
+}
+
+/// A TLS probe asks only "does the server complete a handshake?", as
+/// HAProxy's `check-ssl verify none` does: the certificate is not judged
+/// here (clients judge it end to end, or the upstream TLS settings do).
+fn tls_probe_config() -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(HandshakeOnly(provider)))
+        .with_no_client_auth()
+}
+
+#[derive(Debug)]
+struct HandshakeOnly(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for HandshakeOnly {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

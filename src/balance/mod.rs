@@ -1,0 +1,9 @@
+//! Backend pools: membership, balancing algorithms and health.
+
+pub mod algorithm;
+pub mod backend;
+pub mod health;
+pub mod pool;
+
+pub use backend::{Backend, PassivePolicy};
+pub use pool::{Member, Pool};

@@ -1,0 +1,84 @@
+//! Configuration: TOML file → `schema::File` (serde) → `Plan` (validated).
+
+pub mod duration;
+pub mod error;
+pub mod locate;
+pub mod plan;
+pub mod schema;
+pub mod validate;
+
+use std::path::Path;
+
+pub use error::ConfigError;
+pub use plan::*;
+
+/// Read, parse and validate a configuration file.
+pub fn load(path: &Path) -> Result<Plan, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        file: path.to_path_buf(),
+        line: 0,
+        column: 0,
+        key: String::new(),
+        message: format!("cannot read the file: {e}"),
+    })?;
+    parse(&text, path)
+}
+
+/// Parse and validate configuration text; `path` is used in errors.
+pub fn parse(text: &str, path: &Path) -> Result<Plan, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    let file: schema::File = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        let offset = inner.span().map(|s| s.start).or_else(|| {
+            let segs = parse_serde_path(&key);
+            locate::offset_of(text, &segs)
+        });
+        at(
+            text,
+            path,
+            offset,
+            if key == "." { String::new() } else { key },
+            inner.message().to_string(),
+        )
+    })?;
+    validate::validate(file, path).map_err(|e| {
+        let offset = locate::offset_of(text, &e.path);
+        at(text, path, offset, error::path_string(&e.path), e.message)
+    })
+}
+
+fn at(text: &str, path: &Path, offset: Option<usize>, key: String, message: String) -> ConfigError {
+    let (line, column) = offset.map_or((0, 0), |o| locate::line_col(text, o));
+    ConfigError {
+        file: path.to_path_buf(),
+        line,
+        column,
+        key,
+        message,
+    }
+}
+
+/// serde_path_to_error writes `listener[0].bind`; turn it back into segments.
+fn parse_serde_path(s: &str) -> Vec<error::Seg> {
+    let mut segs = Vec::new();
+    for part in s.split('.') {
+        let mut rest = part;
+        if let Some(b) = rest.find('[') {
+            if b > 0 {
+                segs.push(error::Seg::Key(rest[..b].to_string()));
+            }
+            rest = &rest[b..];
+            while let Some(stripped) = rest.strip_prefix('[') {
+                let end = stripped.find(']').unwrap_or(stripped.len());
+                if let Ok(i) = stripped[..end].parse() {
+                    segs.push(error::Seg::Index(i));
+                }
+                rest = stripped.get(end + 1..).unwrap_or("");
+            }
+        } else if !rest.is_empty() {
+            segs.push(error::Seg::Key(rest.to_string()));
+        }
+    }
+    segs
+}

@@ -1,0 +1,63 @@
+//! One direction of the pump with splice(2): socket → pipe → socket.
+
+use std::io;
+use std::os::fd::AsFd;
+
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+use super::pipes::{self, CHUNK};
+use super::splice::Pipe;
+use super::{shutdown_write, Progress};
+
+pub(super) async fn one_way(
+    from: &TcpStream,
+    to: &TcpStream,
+    progress: &Progress<'_>,
+) -> io::Result<()> {
+    loop {
+        from.readable().await?;
+        let pipe = pipes::take()?;
+        // Move bytes while the socket has them; the pipe goes back to the
+        // pool the moment the socket would block.
+        loop {
+            match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd(), CHUNK)) {
+                Ok(0) => {
+                    pipes::give(pipe);
+                    return shutdown_write(to);
+                }
+                Ok(n) => drain(&pipe, to, n, progress).await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    pipes::give(pipe);
+                    break;
+                }
+                Err(e) => {
+                    pipes::give(pipe);
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Empty the pipe into `to`. On error the pipe (which may still hold
+/// bytes) is dropped by the caller, never returned to the pool.
+async fn drain(
+    pipe: &Pipe,
+    to: &TcpStream,
+    mut left: usize,
+    progress: &Progress<'_>,
+) -> io::Result<()> {
+    while left > 0 {
+        match to.try_io(Interest::WRITABLE, || pipe.drain_to(to.as_fd(), left)) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                left -= n;
+                progress.add(n);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => to.writable().await?,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,16 @@
+//! fleetgate: an L4/L7 load balancer for device-management fleets.
+//!
+//! Data flows one way: config → plan → runtime; sockets → listener →
+//! pool → backend. Health and (later) discovery only write backend state;
+//! the connection path only reads it.
+
+pub mod acl;
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod l4;
+pub mod listener;
+pub mod logging;
+pub mod metrics;
+pub mod proxy;
+pub mod runtime;

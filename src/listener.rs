@@ -1,0 +1,187 @@
+//! Listening sockets and the accept loop: ACL and connection limit are
+//! checked before anything else, and no accept error ever ends the loop.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use prometheus::{IntCounter, IntGauge};
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::balance::Pool;
+use crate::config::{ListenerPlan, SocketOptions};
+use crate::l4::ByteCounters;
+use crate::logging::RateLimit;
+use crate::metrics::{reject, Metrics};
+use crate::runtime::ConnectionTracker;
+
+/// Label handles for one listener, resolved when the plan is applied.
+pub struct ListenerMetrics {
+    pub accepted: IntCounter,
+    pub active: IntGauge,
+    pub rejected_acl: IntCounter,
+    pub rejected_limit: IntCounter,
+    pub rejected_no_backend: IntCounter,
+    pub accept_emfile: IntCounter,
+    pub accept_other: IntCounter,
+    pub bytes: ByteCounters,
+}
+
+impl ListenerMetrics {
+    pub fn new(m: &Metrics, name: &str) -> Self {
+        let rej = |r| m.connections_rejected.with_label_values(&[name, r]);
+        ListenerMetrics {
+            accepted: m.connections_accepted.with_label_values(&[name]),
+            active: m.connections_active.with_label_values(&[name]),
+            rejected_acl: rej(reject::ACL),
+            rejected_limit: rej(reject::LIMIT),
+            rejected_no_backend: rej(reject::NO_BACKEND),
+            accept_emfile: m.accept_errors.with_label_values(&[name, "emfile"]),
+            accept_other: m.accept_errors.with_label_values(&[name, "other"]),
+            bytes: ByteCounters {
+                upstream: m.bytes.with_label_values(&[name, "upstream"]),
+                downstream: m.bytes.with_label_values(&[name, "downstream"]),
+            },
+        }
+    }
+}
+
+/// Everything a connection needs from the current plan. Swapped whole on
+/// reload; a connection keeps the `Arc` it started with.
+pub struct ListenerShared {
+    pub plan: ListenerPlan,
+    pub pool: Arc<Pool>,
+    pub metrics: ListenerMetrics,
+    pub reject_log: RateLimit,
+}
+
+/// Bind a listening socket with the configured options.
+pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if opts.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only; bind `0.0.0.0` separately for IPv4.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(opts.backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Per-connection socket options for an accepted client.
+fn tune(stream: &TcpStream, opts: &SocketOptions) {
+    let _ = stream.set_nodelay(opts.nodelay);
+    if opts.keepalive {
+        let ka = TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10));
+        let _ = SockRef::from(stream).set_tcp_keepalive(&ka);
+    }
+}
+
+/// The accept loop of one listening address. Runs until `stop` flips.
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<ArcSwap<ListenerShared>>,
+    active: Arc<AtomicUsize>,
+    tracker: Arc<ConnectionTracker>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let error_log = RateLimit::new(1000);
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                let ctx = shared.load();
+                let out_of_files = matches!(
+                    e.raw_os_error(),
+                    Some(libc::EMFILE)
+                        | Some(libc::ENFILE)
+                        | Some(libc::ENOBUFS)
+                        | Some(libc::ENOMEM)
+                );
+                if out_of_files {
+                    ctx.metrics.accept_emfile.inc();
+                } else {
+                    ctx.metrics.accept_other.inc();
+                }
+                if let Some(held) = error_log.allow() {
+                    tracing::warn!(listener = %ctx.plan.name, "accept failed: {e} ({held} similar errors suppressed)");
+                }
+                // Out of descriptors: give connections time to close rather
+                // than spinning on a listen queue we cannot drain.
+                let pause = if out_of_files { 50 } else { 5 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                continue;
+            }
+        };
+        let ctx = shared.load_full();
+        ctx.metrics.accepted.inc();
+        if !ctx.plan.acl.admits(peer.ip()) {
+            ctx.metrics.rejected_acl.inc();
+            if let Some(held) = ctx.reject_log.allow() {
+                tracing::info!(listener = %ctx.plan.name, %peer, "connection rejected: denied by ACL ({held} rejections suppressed)");
+            }
+            continue;
+        }
+        let limit = ctx.plan.max_connections;
+        if limit > 0 && active.load(Ordering::Relaxed) >= limit {
+            ctx.metrics.rejected_limit.inc();
+            if let Some(held) = ctx.reject_log.allow() {
+                tracing::info!(listener = %ctx.plan.name, %peer, limit, "connection rejected: connection limit reached ({held} rejections suppressed)");
+            }
+            continue;
+        }
+        tune(&stream, &ctx.plan.socket);
+        let guard = OpenConnection::new(active.clone(), &ctx, tracker.clone());
+        tokio::spawn(async move {
+            crate::proxy::serve(stream, peer, ctx).await;
+            drop(guard);
+        });
+    }
+}
+
+/// Counts a connection in the listener's limit, its gauge and the
+/// process-wide drain tracker for as long as it lives.
+struct OpenConnection {
+    listener_active: Arc<AtomicUsize>,
+    gauge: IntGauge,
+    _tracked: crate::runtime::TrackedConnection,
+}
+
+impl OpenConnection {
+    fn new(
+        listener_active: Arc<AtomicUsize>,
+        ctx: &ListenerShared,
+        tracker: Arc<ConnectionTracker>,
+    ) -> Self {
+        listener_active.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.active.inc();
+        OpenConnection {
+            listener_active,
+            gauge: ctx.metrics.active.clone(),
+            _tracked: ConnectionTracker::track(tracker),
+        }
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.listener_active.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}

@@ -1,0 +1,74 @@
+//! The command line: `fleetgate run | check`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use fleetgate::{admin, config, logging, metrics::Metrics, runtime};
+
+#[derive(Parser)]
+#[command(
+    name = "fleetgate",
+    version,
+    about = "Load balancer for device-management fleets"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer.
+    Run {
+        /// Configuration file.
+        #[arg(short, long, default_value = "conf/fleetgate.toml")]
+        config: PathBuf,
+    },
+    /// Validate a configuration file: prints `ok`, or the error and exits 1.
+    Check {
+        #[arg(short, long, default_value = "conf/fleetgate.toml")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Check { config } => match config::load(&config) {
+            Ok(_) => {
+                println!("ok");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config } => match run(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("fleetgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn run(path: PathBuf) -> anyhow::Result<()> {
+    let plan = config::load(&path)?;
+    logging::init(&plan.log_level);
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if plan.worker_threads > 0 {
+        builder.worker_threads(plan.worker_threads);
+    }
+    builder.enable_all().build()?.block_on(async move {
+        let metrics = Arc::new(Metrics::new());
+        let admin_listener = admin::bind(plan.admin_bind).await?;
+        let rt = runtime::Runtime::start(plan, metrics).await?;
+        tracing::info!(config = %path.display(), admin = %admin_listener.local_addr()?, "fleetgate started");
+        tokio::spawn(admin::serve(admin_listener, rt.clone()));
+        runtime::serve_until_signalled(rt).await
+    })
+}

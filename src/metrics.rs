@@ -1,0 +1,164 @@
+//! Prometheus metrics. Families are created once; the connection path uses
+//! label handles resolved at plan time (one atomic add per event).
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub connections_accepted: IntCounterVec,
+    pub connections_active: IntGaugeVec,
+    pub connections_rejected: IntCounterVec,
+    pub accept_errors: IntCounterVec,
+    pub bytes: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub backend_active: IntGaugeVec,
+    pub backend_connect_failures: IntCounterVec,
+    pub backend_connect_seconds: HistogramVec,
+    pub pool_selections: IntCounterVec,
+    pub health_checks: IntCounterVec,
+    pub reloads: IntCounterVec,
+}
+
+/// Reasons a connection is closed before it reaches a backend.
+pub mod reject {
+    pub const ACL: &str = "acl";
+    pub const LIMIT: &str = "limit";
+    pub const NO_BACKEND: &str = "no_backend";
+    pub const DRAINING: &str = "draining";
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("metric definition");
+    r.register(Box::new(c.clone()))
+        .expect("metric registration");
+    c
+}
+
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("metric definition");
+    r.register(Box::new(g.clone()))
+        .expect("metric registration");
+    g
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let r = Registry::new_custom(Some("fleetgate".into()), None).expect("registry");
+        let connect = HistogramVec::new(
+            HistogramOpts::new(
+                "backend_connect_duration_seconds",
+                "Time to establish a TCP connection to a backend.",
+            )
+            .buckets(vec![
+                0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                1.0, 2.5, 5.0,
+            ]),
+            &["pool", "backend"],
+        )
+        .expect("metric definition");
+        r.register(Box::new(connect.clone()))
+            .expect("metric registration");
+        Metrics {
+            connections_accepted: counter(
+                &r,
+                "connections_accepted_total",
+                "Connections accepted by a listener.",
+                &["listener"],
+            ),
+            connections_active: gauge(
+                &r,
+                "connections_active",
+                "Connections currently open on a listener.",
+                &["listener"],
+            ),
+            connections_rejected: counter(
+                &r,
+                "connections_rejected_total",
+                "Connections closed before reaching a backend, by reason.",
+                &["listener", "reason"],
+            ),
+            accept_errors: counter(
+                &r,
+                "accept_errors_total",
+                "Errors returned by accept(2), by kind (emfile, other).",
+                &["listener", "kind"],
+            ),
+            bytes: counter(
+                &r,
+                "proxied_bytes_total",
+                "Bytes forwarded, by direction (upstream: client to backend; downstream: backend to client).",
+                &["listener", "direction"],
+            ),
+            backend_up: gauge(
+                &r,
+                "backend_up",
+                "1 while a backend is eligible for new connections, 0 while it is out.",
+                &["pool", "backend"],
+            ),
+            backend_active: gauge(
+                &r,
+                "backend_connections_active",
+                "Connections currently open to a backend.",
+                &["pool", "backend"],
+            ),
+            backend_connect_failures: counter(
+                &r,
+                "backend_connect_failures_total",
+                "Failed or timed-out connection attempts to a backend.",
+                &["pool", "backend"],
+            ),
+            backend_connect_seconds: connect,
+            pool_selections: counter(
+                &r,
+                "pool_selections_total",
+                "Times the balancing algorithm chose a backend.",
+                &["pool", "backend"],
+            ),
+            health_checks: counter(
+                &r,
+                "health_checks_total",
+                "Active health-check probes, by result (ok, fail).",
+                &["pool", "backend", "result"],
+            ),
+            reloads: counter(
+                &r,
+                "config_reloads_total",
+                "Configuration reloads, by result (ok, error).",
+                &["result"],
+            ),
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("text encoding never fails on a Vec");
+        out
+    }
+
+    /// Forget the series of a backend that is no longer configured.
+    pub fn forget_backend(&self, pool: &str, backend: &str) {
+        let l = &[pool, backend];
+        let _ = self.backend_up.remove_label_values(l);
+        let _ = self.backend_active.remove_label_values(l);
+        let _ = self.backend_connect_failures.remove_label_values(l);
+        let _ = self.backend_connect_seconds.remove_label_values(l);
+        let _ = self.pool_selections.remove_label_values(l);
+        for result in ["ok", "fail"] {
+            let _ = self
+                .health_checks
+                .remove_label_values(&[pool, backend, result]);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,297 @@
+//! The running balancer: applies a `Plan`, swaps in a new one on reload
+//! without touching established connections, and drains on shutdown.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::balance::{health, Pool};
+use crate::config::{self, ListenerMode, Plan};
+use crate::listener::{self, ListenerMetrics, ListenerShared};
+use crate::logging::RateLimit;
+use crate::metrics::Metrics;
+
+/// Counts open connections process-wide so that shutdown can wait for them.
+#[derive(Default)]
+pub struct ConnectionTracker {
+    open: AtomicUsize,
+    all_closed: Notify,
+}
+
+pub struct TrackedConnection(Arc<ConnectionTracker>);
+
+impl ConnectionTracker {
+    pub fn track(this: Arc<Self>) -> TrackedConnection {
+        this.open.fetch_add(1, Ordering::Relaxed);
+        TrackedConnection(this)
+    }
+
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// Wait until no connection is open, or `deadline` passes.
+    pub async fn wait_idle(&self, deadline: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                if self.open() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(deadline, wait).await.is_ok()
+    }
+}
+
+impl Drop for TrackedConnection {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
+    }
+}
+
+struct RunningListener {
+    shared: Arc<ArcSwap<ListenerShared>>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Control-plane state: touched by start, reload and shutdown only, never
+/// by the connection path (which reads the `ArcSwap`s).
+struct Applied {
+    plan: Arc<Plan>,
+    pools: HashMap<String, Arc<Pool>>,
+    health: Vec<JoinHandle<()>>,
+    listeners: HashMap<SocketAddr, RunningListener>,
+}
+
+pub struct Runtime {
+    pub metrics: Arc<Metrics>,
+    pub tracker: Arc<ConnectionTracker>,
+    applied: Mutex<Applied>,
+    watcher: JoinHandle<()>,
+}
+
+impl Runtime {
+    /// Bind every listener and start serving `plan`.
+    pub async fn start(plan: Plan, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Runtime>> {
+        let tracker = Arc::new(ConnectionTracker::default());
+        let applied = Mutex::new(Applied {
+            plan: Arc::new(plan.clone()),
+            pools: HashMap::new(),
+            health: Vec::new(),
+            listeners: HashMap::new(),
+        });
+        let rt = Arc::new(Runtime {
+            metrics,
+            tracker,
+            applied,
+            watcher: tokio::spawn(std::future::pending()),
+        });
+        rt.apply(plan)?;
+        let watcher = tokio::spawn(watch_backends(Arc::downgrade(&rt)));
+        // Replace the placeholder; the runtime is not shared yet.
+        let mut rt = rt;
+        if let Some(inner) = Arc::get_mut(&mut rt) {
+            inner.watcher.abort();
+            inner.watcher = watcher;
+        }
+        Ok(rt)
+    }
+
+    pub fn plan(&self) -> Arc<Plan> {
+        self.applied.lock().unwrap().plan.clone()
+    }
+
+    pub fn pools(&self) -> Vec<Arc<Pool>> {
+        self.applied
+            .lock()
+            .unwrap()
+            .pools
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Re-read the configuration file; on any error the running plan stays.
+    pub fn reload(&self) -> anyhow::Result<()> {
+        let path = self.plan().source.clone();
+        let result = config::load(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|plan| self.apply(plan));
+        let label = if result.is_ok() { "ok" } else { "error" };
+        self.metrics.reloads.with_label_values(&[label]).inc();
+        result
+    }
+
+    /// Make `plan` the running configuration. Everything that can fail
+    /// (binding new addresses) happens before anything is changed.
+    fn apply(&self, plan: Plan) -> anyhow::Result<()> {
+        let mut applied = self.applied.lock().unwrap();
+
+        // 1. New pools, keeping backend state where addresses persist.
+        let pools: HashMap<String, Arc<Pool>> = plan
+            .pools
+            .iter()
+            .map(|p| {
+                let old = applied.pools.get(&p.name).map(|a| a.as_ref());
+                (p.name.clone(), Arc::new(Pool::build(p, old, &self.metrics)))
+            })
+            .collect();
+
+        // 2. Bind addresses that are not bound yet; fail without changes.
+        let mut fresh = HashMap::new();
+        for l in &plan.listeners {
+            if !applied.listeners.contains_key(&l.bind) {
+                let sock = listener::bind(l.bind, &l.socket)
+                    .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+                fresh.insert(l.bind, sock);
+            }
+        }
+
+        // 3. Commit: swap shared state, start new listeners, stop old ones.
+        let mut keep = HashSet::new();
+        for l in &plan.listeners {
+            keep.insert(l.bind);
+            let pool = match &l.mode {
+                ListenerMode::Tcp { pool } => pools[pool].clone(),
+            };
+            let shared = Arc::new(ListenerShared {
+                metrics: ListenerMetrics::new(&self.metrics, &l.name),
+                plan: l.clone(),
+                pool,
+                reject_log: RateLimit::new(1000),
+            });
+            if let Some(running) = applied.listeners.get(&l.bind) {
+                running.shared.store(shared);
+                continue;
+            }
+            let std_listener = fresh.remove(&l.bind).expect("bound in step 2");
+            let tokio_listener = TcpListener::from_std(std_listener)
+                .with_context(|| format!("listener {:?}: registering {}", l.name, l.bind))?;
+            let shared = Arc::new(ArcSwap::new(shared));
+            let (stop, stop_rx) = watch::channel(false);
+            let task = tokio::spawn(listener::accept_loop(
+                tokio_listener,
+                shared.clone(),
+                Arc::new(AtomicUsize::new(0)),
+                self.tracker.clone(),
+                stop_rx,
+            ));
+            tracing::info!(listener = %l.name, bind = %l.bind, "listening");
+            applied
+                .listeners
+                .insert(l.bind, RunningListener { shared, stop, task });
+        }
+        let gone: Vec<SocketAddr> = applied
+            .listeners
+            .keys()
+            .filter(|a| !keep.contains(a))
+            .copied()
+            .collect();
+        for addr in gone {
+            if let Some(running) = applied.listeners.remove(&addr) {
+                let _ = running.stop.send(true);
+                tracing::info!(bind = %addr, "listener closed (removed from configuration)");
+            }
+        }
+
+        // Health probes follow the new pools; series of removed backends go.
+        for h in applied.health.drain(..) {
+            h.abort();
+        }
+        for (name, old) in &applied.pools {
+            for m in &old.members {
+                let still = pools.get(name).is_some_and(|p| {
+                    p.members
+                        .iter()
+                        .any(|n| Arc::ptr_eq(&n.backend, &m.backend))
+                });
+                if !still {
+                    self.metrics
+                        .forget_backend(name, &m.backend.addr.to_string());
+                }
+            }
+        }
+        applied.health = pools.values().flat_map(health::spawn).collect();
+        applied.pools = pools;
+        applied.plan = Arc::new(plan);
+        Ok(())
+    }
+
+    /// Stop accepting; established connections continue.
+    pub fn stop_listening(&self) {
+        let mut applied = self.applied.lock().unwrap();
+        for (_, running) in applied.listeners.drain() {
+            let _ = running.stop.send(true);
+            running.task.abort();
+        }
+        for h in applied.health.drain(..) {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+/// Passive outages end by the clock, not by an event: refresh the
+/// `backend_up` gauges and log transitions a few times per second.
+async fn watch_backends(rt: std::sync::Weak<Runtime>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Some(rt) = rt.upgrade() else { return };
+        for pool in rt.pools() {
+            for m in &pool.members {
+                m.backend.refresh();
+            }
+        }
+    }
+}
+
+/// Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain.
+#[cfg(unix)]
+pub async fn serve_until_signalled(rt: Arc<Runtime>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match rt.reload() {
+                Ok(()) => tracing::info!("configuration reloaded"),
+                Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
+            },
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    let deadline = rt.plan().drain_timeout;
+    rt.stop_listening();
+    let open = rt.tracker.open();
+    tracing::info!(
+        open,
+        "shutting down: no longer accepting, draining for up to {deadline:?}"
+    );
+    if rt.tracker.wait_idle(deadline).await {
+        tracing::info!("all connections closed; exiting");
+    } else {
+        tracing::warn!(open = rt.tracker.open(), "drain deadline reached; exiting");
+    }
+    Ok(())
+}
