@@ -2,6 +2,7 @@
 
 pub mod algorithm;
 pub mod backend;
+pub mod connect;
 pub mod health;
 pub mod pool;
 

@@ -1,0 +1,77 @@
+//! Choosing a backend and reaching it, with retry: shared by the L4 proxy
+//! (a TCP connect) and the HTTP upstream (a pooled connection or a new
+//! one). A failed attempt counts against the backend (passive health) and
+//! the next backend is tried, so a client sees no error while any is up.
+
+use std::future::Future;
+use std::net::IpAddr;
+use std::time::Instant;
+
+use tokio::net::TcpStream;
+
+use super::Pool;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// No backend was eligible at all (every one is down).
+    NoBackend,
+    /// Backends were tried and every attempt failed.
+    AllFailed,
+}
+
+/// Try `attempt` on backends chosen by the pool until one succeeds, at
+/// most `1 + retries` times.
+pub async fn first_success<T, F, Fut>(
+    pool: &Pool,
+    client: IpAddr,
+    mut attempt: F,
+) -> Result<(usize, T), Unreachable>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let policy = pool.passive_policy();
+    let attempts = pool.plan.retries as usize + 1;
+    let mut tried: Vec<usize> = Vec::with_capacity(attempts);
+    while tried.len() < attempts {
+        let Some(index) = pool.pick(client, &tried) else {
+            break;
+        };
+        tried.push(index);
+        match attempt(index).await {
+            Ok(v) => return Ok((index, v)),
+            Err(why) => {
+                let backend = &pool.members[index].backend;
+                tracing::debug!(pool = %pool.name(), backend = %backend.addr, "attempt failed: {why}");
+                backend.record_failure(policy);
+            }
+        }
+    }
+    Err(if tried.is_empty() {
+        Unreachable::NoBackend
+    } else {
+        Unreachable::AllFailed
+    })
+}
+
+/// A TCP connect to member `index` with the pool's timeout, timed into the
+/// backend's connect histogram.
+pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
+    let addr = pool.members[index].backend.addr;
+    let started = Instant::now();
+    match tokio::time::timeout(pool.plan.connect_timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            pool.members[index]
+                .backend
+                .metrics
+                .connect_seconds
+                .observe(started.elapsed().as_secs_f64());
+            Ok(stream)
+        }
+        Ok(Err(e)) => Err(format!("connect: {e}")),
+        Err(_) => Err(format!(
+            "connect timed out after {:?}",
+            pool.plan.connect_timeout
+        )),
+    }
+}
