@@ -4,7 +4,9 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
+
+use crate::module::Body;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -32,13 +34,29 @@ pub async fn serve(listener: TcpListener, rt: Arc<Runtime>) {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let rt = rt.clone();
-                async move { Ok::<_, Infallible>(route(&rt, req)) }
+                async move { Ok::<_, Infallible>(dispatch(rt, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+async fn dispatch(rt: Arc<Runtime>, req: Request<Incoming>) -> Response<Body> {
+    // `/modules/NAME/...` belongs to the module NAME's admin API.
+    if let Some(rest) = req.uri().path().strip_prefix("/modules/") {
+        let name = rest.split('/').next().unwrap_or("");
+        return match rt.modules.get(name).and_then(|m| m.admin(req)) {
+            Some(fut) => fut.await,
+            None => boxed(text(StatusCode::NOT_FOUND, "no such module admin API\n")),
+        };
+    }
+    boxed(route(&rt, req))
+}
+
+fn boxed(r: Response<Full<Bytes>>) -> Response<Body> {
+    r.map(|b| b.map_err(|never| match never {}).boxed())
 }
 
 fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {

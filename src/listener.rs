@@ -55,9 +55,16 @@ impl ListenerMetrics {
 /// reload; a connection keeps the `Arc` it started with.
 pub struct ListenerShared {
     pub plan: ListenerPlan,
-    pub pool: Arc<Pool>,
+    pub mode: ModeRuntime,
     pub metrics: ListenerMetrics,
     pub reject_log: RateLimit,
+}
+
+/// The listener mode with its pools resolved for this plan.
+pub enum ModeRuntime {
+    Tcp(Arc<Pool>),
+    Passthrough(crate::passthrough::Passthrough),
+    Offload(Arc<crate::http::Offload>),
 }
 
 /// Bind a listening socket with the configured options.

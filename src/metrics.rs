@@ -19,6 +19,15 @@ pub struct Metrics {
     pub pool_selections: IntCounterVec,
     pub health_checks: IntCounterVec,
     pub reloads: IntCounterVec,
+    pub tls_handshakes: IntCounterVec,
+    pub tls_versions: IntCounterVec,
+    pub tls_alpn: IntCounterVec,
+    pub client_certs: IntCounterVec,
+    pub hello_rejected: IntCounterVec,
+    pub http_requests: IntCounterVec,
+    pub http_request_seconds: HistogramVec,
+    pub http_errors: IntCounterVec,
+    pub upgraded_active: IntGaugeVec,
 }
 
 /// Reasons a connection is closed before it reaches a backend.
@@ -60,7 +69,70 @@ impl Metrics {
         .expect("metric definition");
         r.register(Box::new(connect.clone()))
             .expect("metric registration");
+        let request_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time from request to response headers, per route.",
+            )
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
+            &["listener", "route"],
+        )
+        .expect("metric definition");
+        r.register(Box::new(request_seconds.clone()))
+            .expect("metric registration");
         Metrics {
+            tls_handshakes: counter(
+                &r,
+                "tls_handshakes_total",
+                "TLS handshakes on offload listeners, by result (ok, or the failure reason).",
+                &["listener", "result"],
+            ),
+            tls_versions: counter(
+                &r,
+                "tls_connections_total",
+                "Completed TLS handshakes by protocol version.",
+                &["listener", "version"],
+            ),
+            tls_alpn: counter(
+                &r,
+                "tls_alpn_total",
+                "Completed TLS handshakes by negotiated ALPN protocol (none when absent).",
+                &["listener", "protocol"],
+            ),
+            client_certs: counter(
+                &r,
+                "tls_client_certificates_total",
+                "Client certificates at the handshake: none, verified, rejected.",
+                &["listener", "state"],
+            ),
+            hello_rejected: counter(
+                &r,
+                "tls_client_hello_rejected_total",
+                "Passthrough connections closed because of their ClientHello, by reason.",
+                &["listener", "reason"],
+            ),
+            http_requests: counter(
+                &r,
+                "http_requests_total",
+                "HTTP requests answered, by route and status class (2xx..5xx).",
+                &["listener", "route", "class"],
+            ),
+            http_request_seconds: request_seconds,
+            http_errors: counter(
+                &r,
+                "http_errors_total",
+                "Requests answered by the balancer itself with an error, by kind.",
+                &["listener", "kind"],
+            ),
+            upgraded_active: gauge(
+                &r,
+                "http_upgraded_streams_active",
+                "Upgraded (WebSocket) streams currently open.",
+                &["listener"],
+            ),
             connections_accepted: counter(
                 &r,
                 "connections_accepted_total",
@@ -122,12 +194,21 @@ impl Metrics {
                 "Active health-check probes, by result (ok, fail).",
                 &["pool", "backend", "result"],
             ),
-            reloads: counter(
-                &r,
-                "config_reloads_total",
-                "Configuration reloads, by result (ok, error).",
-                &["result"],
-            ),
+            reloads: {
+                let c = counter(
+                    &r,
+                    "config_reloads_total",
+                    "Configuration reloads, by result (ok, error).",
+                    &["result"],
+                );
+                // Both series exist from the start: a series that first
+                // appears at 1 hides that increase from rate() and
+                // increase(), so the first failed reload would never alert.
+                for result in ["ok", "error"] {
+                    c.with_label_values(&[result]);
+                }
+                c
+            },
             registry: r,
         }
     }

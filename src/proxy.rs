@@ -1,5 +1,6 @@
-//! Serving one accepted connection in `tcp` mode: pick a backend, connect
-//! (retrying the next backend on failure), then pump bytes.
+//! Serving one accepted connection: dispatch by listener mode; in `tcp`
+//! mode pick a backend, connect (retrying the next backend on failure),
+//! then pump bytes.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,11 +9,18 @@ use tokio::net::TcpStream;
 
 use crate::balance::{connect, Pool};
 use crate::l4::{self, PumpConfig, PumpEnd};
-use crate::listener::ListenerShared;
+use crate::listener::{ListenerShared, ModeRuntime};
 
+/// Serve an accepted (and admitted) connection according to its
+/// listener's mode.
 pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerShared>) {
-    let pool = ctx.pool.clone();
-    forward(client, peer, &ctx, &pool).await;
+    match &ctx.mode {
+        ModeRuntime::Tcp(pool) => forward(client, peer, &ctx, pool).await,
+        ModeRuntime::Passthrough(pt) => crate::passthrough::serve(client, peer, &ctx, pt).await,
+        ModeRuntime::Offload(offload) => {
+            crate::http::server::serve(client, peer, &ctx.plan.name, offload.clone()).await
+        }
+    }
 }
 
 /// Connect to a backend of `pool` and pump bytes until the connection

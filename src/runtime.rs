@@ -14,10 +14,14 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::balance::{health, Pool};
-use crate::config::{self, ListenerMode, Plan};
-use crate::listener::{self, ListenerMetrics, ListenerShared};
+use crate::config::{self, ListenerMode, ListenerPlan, Plan, Target};
+use crate::http::upstream::Upstream;
+use crate::http::{Offload, OffloadMetrics, RouteRuntime, TargetRuntime};
+use crate::listener::{self, ListenerMetrics, ListenerShared, ModeRuntime};
 use crate::logging::RateLimit;
 use crate::metrics::Metrics;
+use crate::module::{Module, ModuleEnv, Registry};
+use crate::passthrough::Passthrough;
 
 /// Counts open connections process-wide so that shutdown can wait for them.
 #[derive(Default)]
@@ -79,13 +83,42 @@ struct Applied {
 pub struct Runtime {
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<ConnectionTracker>,
+    /// In-process modules by name: built once at start, kept across
+    /// reloads (their state outlives any one configuration).
+    pub modules: HashMap<String, Arc<dyn Module>>,
     applied: Mutex<Applied>,
     watcher: JoinHandle<()>,
 }
 
 impl Runtime {
-    /// Bind every listener and start serving `plan`.
+    /// Bind every listener and start serving `plan`, with the built-in
+    /// module kinds.
     pub async fn start(plan: Plan, metrics: Arc<Metrics>) -> anyhow::Result<Arc<Runtime>> {
+        Self::start_with_modules(plan, metrics, &crate::module::builtin::registry()).await
+    }
+
+    /// Like `start`, building modules from `registry` (for programs that
+    /// embed fleetgate with modules of their own).
+    pub async fn start_with_modules(
+        plan: Plan,
+        metrics: Arc<Metrics>,
+        registry: &Registry,
+    ) -> anyhow::Result<Arc<Runtime>> {
+        let mut modules = HashMap::new();
+        for m in &plan.modules {
+            let factory = registry
+                .get(&m.kind)
+                .with_context(|| format!("module {:?}: no module kind {:?}", m.name, m.kind))?;
+            let env = ModuleEnv {
+                name: m.name.clone(),
+                data_dir: plan.data_dir.join(&m.name),
+            };
+            let module = factory(&m.config, &env)
+                .await
+                .with_context(|| format!("{}: module {:?}", plan.source.display(), m.name))?;
+            tracing::info!(module = %m.name, kind = %m.kind, "module started");
+            modules.insert(m.name.clone(), module);
+        }
         let tracker = Arc::new(ConnectionTracker::default());
         let applied = Mutex::new(Applied {
             plan: Arc::new(plan.clone()),
@@ -96,6 +129,7 @@ impl Runtime {
         let rt = Arc::new(Runtime {
             metrics,
             tracker,
+            modules,
             applied,
             watcher: tokio::spawn(std::future::pending()),
         });
@@ -139,6 +173,12 @@ impl Runtime {
     /// (binding new addresses) happens before anything is changed.
     fn apply(&self, plan: Plan) -> anyhow::Result<()> {
         let mut applied = self.applied.lock().unwrap();
+        if !applied.listeners.is_empty() && applied.plan.modules != plan.modules {
+            anyhow::bail!(
+                "{}: changing [module] tables needs a restart",
+                plan.source.display()
+            );
+        }
 
         // 1. New pools, keeping backend state where addresses persist.
         let pools: HashMap<String, Arc<Pool>> = plan
@@ -164,13 +204,11 @@ impl Runtime {
         let mut keep = HashSet::new();
         for l in &plan.listeners {
             keep.insert(l.bind);
-            let pool = match &l.mode {
-                ListenerMode::Tcp { pool } => pools[pool].clone(),
-            };
+            let metrics = ListenerMetrics::new(&self.metrics, &l.name);
             let shared = Arc::new(ListenerShared {
-                metrics: ListenerMetrics::new(&self.metrics, &l.name),
+                mode: self.mode_runtime(l, &pools, &metrics),
+                metrics,
                 plan: l.clone(),
-                pool,
                 reject_log: RateLimit::new(1000),
             });
             if let Some(running) = applied.listeners.get(&l.bind) {
@@ -228,6 +266,74 @@ impl Runtime {
         applied.pools = pools;
         applied.plan = Arc::new(plan);
         Ok(())
+    }
+
+    /// Resolve a listener's pools (and, for offload, its upstreams).
+    fn mode_runtime(
+        &self,
+        l: &ListenerPlan,
+        pools: &HashMap<String, Arc<Pool>>,
+        metrics: &ListenerMetrics,
+    ) -> ModeRuntime {
+        match &l.mode {
+            ListenerMode::Tcp { pool } => ModeRuntime::Tcp(pools[pool].clone()),
+            ListenerMode::Passthrough(p) => ModeRuntime::Passthrough(Passthrough {
+                rules: p
+                    .rules
+                    .iter()
+                    .map(|(m, name)| (m.clone(), pools[name].clone()))
+                    .collect(),
+                default: p.default_pool.as_ref().map(|n| pools[n].clone()),
+                reject_no_sni: p.reject_no_sni,
+                hello_timeout: p.hello_timeout,
+                hello_max_bytes: p.hello_max_bytes,
+                rejected: self.metrics.hello_rejected.clone(),
+            }),
+            ListenerMode::Offload(o) => {
+                let om = OffloadMetrics::new(&self.metrics, &l.name);
+                // One upstream (keep-alive connections) per pool per listener.
+                let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
+                let routes = o
+                    .routes
+                    .iter()
+                    .map(|r| {
+                        let target = match &r.target {
+                            Target::Pool(name) => {
+                                let up = upstreams.entry(name.as_str()).or_insert_with(|| {
+                                    let pool = pools[name].clone();
+                                    let tls = pool.plan.tls.clone();
+                                    Arc::new(Upstream::new(
+                                        pool,
+                                        tls,
+                                        o.http.upstream_keepalive,
+                                        o.http.upstream_idle_timeout,
+                                    ))
+                                });
+                                TargetRuntime::Pool(up.clone())
+                            }
+                            Target::Module(name) => {
+                                TargetRuntime::Module(self.modules[name].clone())
+                            }
+                        };
+                        let (requests, duration) = om.route(&r.name);
+                        RouteRuntime {
+                            plan: r.clone(),
+                            target,
+                            requests,
+                            duration,
+                        }
+                    })
+                    .collect();
+                ModeRuntime::Offload(Arc::new(Offload {
+                    tls: o.tls.clone(),
+                    http: o.http.clone(),
+                    cert_headers: o.cert_headers.clone(),
+                    routes,
+                    metrics: om,
+                    bytes: metrics.bytes.clone(),
+                }))
+            }
+        }
     }
 
     /// Stop accepting; established connections continue.
@@ -292,6 +398,10 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>) -> anyhow::Result<()> {
         tracing::info!("all connections closed; exiting");
     } else {
         tracing::warn!(open = rt.tracker.open(), "drain deadline reached; exiting");
+    }
+    for (name, module) in &rt.modules {
+        module.shutdown().await;
+        tracing::info!(module = %name, "module stopped");
     }
     Ok(())
 }

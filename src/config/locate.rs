@@ -5,13 +5,37 @@ use toml_edit::{ImDocument, Item, Value};
 
 use super::error::Seg;
 
-/// 1-based line and column of byte `offset` in `text`.
+/// 1-based line and column of byte `offset` in `text`. The column counts
+/// characters, not bytes: that is what editors and the TOML parser's own
+/// messages use, so a non-ASCII character earlier on the line (a hostname,
+/// a comment) must not push the reported column to the right.
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
     let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
-    let col = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    let line_start = before.rfind('\n').map_or(0, |nl| nl + 1);
+    let col = before[line_start..].chars().count() + 1;
     (line, col)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_col;
+
+    #[test]
+    fn columns_count_characters() {
+        let text = "a = 1\nhost = \"ü\", path = \"x\"\n";
+        let at = text.find("path").unwrap();
+        assert_eq!(line_col(text, at), (2, 13));
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, text.len()), (3, 1));
+        // Inside a multi-byte character: the character's own column.
+        let inside = text.find('ü').unwrap() + 1;
+        assert_eq!(line_col(text, inside), (2, 9));
+    }
 }
 
 /// Byte offset of the deepest part of `path` that exists in the document:

@@ -5,6 +5,7 @@ pub mod error;
 pub mod locate;
 pub mod plan;
 pub mod schema;
+mod tls;
 pub mod validate;
 
 use std::path::Path;
@@ -12,8 +13,15 @@ use std::path::Path;
 pub use error::ConfigError;
 pub use plan::*;
 
-/// Read, parse and validate a configuration file.
+/// Read, parse and validate a configuration file, knowing the built-in
+/// module kinds.
 pub fn load(path: &Path) -> Result<Plan, ConfigError> {
+    load_with(path, &crate::module::builtin::registry())
+}
+
+/// Like `load`, with the module kinds of `modules` (for programs that
+/// embed fleetgate and register their own).
+pub fn load_with(path: &Path, modules: &crate::module::Registry) -> Result<Plan, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: 0,
@@ -21,11 +29,19 @@ pub fn load(path: &Path) -> Result<Plan, ConfigError> {
         key: String::new(),
         message: format!("cannot read the file: {e}"),
     })?;
-    parse(&text, path)
+    parse_with(&text, path, modules)
 }
 
 /// Parse and validate configuration text; `path` is used in errors.
 pub fn parse(text: &str, path: &Path) -> Result<Plan, ConfigError> {
+    parse_with(text, path, &crate::module::builtin::registry())
+}
+
+pub fn parse_with(
+    text: &str,
+    path: &Path,
+    modules: &crate::module::Registry,
+) -> Result<Plan, ConfigError> {
     let de = toml::Deserializer::new(text);
     let file: schema::File = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
@@ -42,7 +58,8 @@ pub fn parse(text: &str, path: &Path) -> Result<Plan, ConfigError> {
             inner.message().to_string(),
         )
     })?;
-    validate::validate(file, path).map_err(|e| {
+    let kinds: Vec<&str> = modules.kinds().collect();
+    validate::validate(file, path, &kinds).map_err(|e| {
         let offset = locate::offset_of(text, &e.path);
         at(text, path, offset, error::path_string(&e.path), e.message)
     })

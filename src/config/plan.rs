@@ -7,6 +7,10 @@ use std::time::Duration;
 
 pub use super::schema::{Algorithm, CheckKind};
 use crate::acl::Acl;
+pub use crate::http::headers::CertHeaders;
+pub use crate::http::upstream::UpstreamTls;
+pub use crate::http::{HostMatch, HttpPlan, PathMatch, RoutePlan, Target};
+use std::sync::Arc;
 
 #[derive(Debug, Clone)]
 pub struct Plan {
@@ -17,6 +21,16 @@ pub struct Plan {
     pub admin_bind: SocketAddr,
     pub listeners: Vec<ListenerPlan>,
     pub pools: Vec<PoolPlan>,
+    pub data_dir: PathBuf,
+    pub modules: Vec<ModulePlan>,
+}
+
+/// An in-process module: built once at start from its own TOML table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModulePlan {
+    pub name: String,
+    pub kind: String,
+    pub config: toml::Value,
 }
 
 impl Plan {
@@ -25,12 +39,65 @@ impl Plan {
     }
 }
 
-/// What a listener does with an accepted connection. Later modes
-/// (TLS passthrough, offload) add variants here.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a listener does with an accepted connection.
+#[derive(Debug, Clone)]
 pub enum ListenerMode {
     /// Plain L4: pick a backend from `pool` and pump bytes.
     Tcp { pool: String },
+    /// Route on the ClientHello's SNI, then pump bytes untouched.
+    Passthrough(PassthroughPlan),
+    /// Terminate TLS and proxy HTTP by route.
+    Offload(Box<OffloadPlan>),
+}
+
+impl ListenerMode {
+    /// Every pool this listener can send to.
+    pub fn pools(&self) -> Vec<&str> {
+        match self {
+            ListenerMode::Tcp { pool } => vec![pool.as_str()],
+            ListenerMode::Passthrough(p) => p
+                .rules
+                .iter()
+                .map(|(_, pool)| pool.as_str())
+                .chain(p.default_pool.as_deref())
+                .collect(),
+            ListenerMode::Offload(o) => o
+                .routes
+                .iter()
+                .filter_map(|r| match &r.target {
+                    Target::Pool(p) => Some(p.as_str()),
+                    Target::Module(_) => None,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct PassthroughPlan {
+    pub rules: Vec<(HostMatch, String)>,
+    pub default_pool: Option<String>,
+    pub reject_no_sni: bool,
+    pub hello_timeout: Duration,
+    pub hello_max_bytes: usize,
+}
+
+#[derive(Clone)]
+pub struct OffloadPlan {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub cert_headers: CertHeaders,
+    pub http: HttpPlan,
+    pub routes: Vec<RoutePlan>,
+}
+
+impl std::fmt::Debug for OffloadPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OffloadPlan")
+            .field("cert_headers", &self.cert_headers)
+            .field("http", &self.http)
+            .field("routes", &self.routes)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,7 +141,7 @@ pub struct HealthPlan {
     pub fall: u32,
 }
 
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone)]
 pub struct PoolPlan {
     pub name: String,
     pub algorithm: Algorithm,
@@ -84,4 +151,17 @@ pub struct PoolPlan {
     pub connect_timeout: Duration,
     pub retries: u32,
     pub health_check: Option<HealthPlan>,
+    /// Re-encryption settings for HTTP upstream connections.
+    pub tls: Option<UpstreamTls>,
+}
+
+impl std::fmt::Debug for PoolPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolPlan")
+            .field("name", &self.name)
+            .field("algorithm", &self.algorithm)
+            .field("backends", &self.backends)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }

@@ -16,6 +16,10 @@ pub struct File {
     pub listeners: Vec<Listener>,
     #[serde(default, rename = "pool")]
     pub pools: Vec<Pool>,
+    /// `[module.NAME]` tables: each configures one in-process module; its
+    /// `kind` (default: NAME) selects the implementation.
+    #[serde(default)]
+    pub module: std::collections::BTreeMap<String, toml::Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -31,6 +35,9 @@ pub struct Global {
     /// Tokio worker threads; 0 means one per core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Where modules keep their files; relative to the config file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: String,
 }
 
 impl Default for Global {
@@ -39,6 +46,7 @@ impl Default for Global {
             log_level: default_log_level(),
             drain_timeout: default_drain_timeout(),
             worker_threads: 0,
+            data_dir: default_data_dir(),
         }
     }
 }
@@ -61,7 +69,12 @@ impl Default for Admin {
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum Mode {
+    /// L4: bytes to a pool's backend.
     Tcp,
+    /// TLS left intact; routed on the ClientHello's SNI.
+    Passthrough,
+    /// TLS terminated here; HTTP routed by host and path.
+    Offload,
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,7 +84,10 @@ pub struct Listener {
     pub bind: String,
     #[serde(default = "default_mode")]
     pub mode: Mode,
-    pub pool: String,
+    /// tcp: the pool. passthrough: the pool for no matching SNI rule.
+    /// offload: a catch-all route after the `route` list.
+    #[serde(default)]
+    pub pool: Option<String>,
     /// 0 means unlimited.
     #[serde(default)]
     pub max_connections: usize,
@@ -92,6 +108,144 @@ pub struct Listener {
     /// Move bytes with splice(2) on Linux; false forces the buffered copy.
     #[serde(default = "default_true")]
     pub splice: bool,
+
+    // --- passthrough ---
+    #[serde(default)]
+    pub sni: Vec<SniRule>,
+    /// What to do with a ClientHello without SNI: use `pool`, or reject.
+    #[serde(default)]
+    pub no_sni: NoSni,
+    #[serde(default = "default_hello_timeout")]
+    pub hello_timeout: ConfigDuration,
+    #[serde(default = "default_hello_max_bytes")]
+    pub hello_max_bytes: usize,
+
+    // --- offload ---
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    #[serde(default)]
+    pub route: Vec<Route>,
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Strict-Transport-Security max-age; 0 withdraws HSTS; unset sends none.
+    #[serde(default)]
+    pub hsts_max_age: Option<ConfigDuration>,
+    #[serde(default)]
+    pub hsts_include_subdomains: bool,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout: ConfigDuration,
+    #[serde(default = "default_response_timeout")]
+    pub response_timeout: ConfigDuration,
+    #[serde(default = "default_upgrade_idle_timeout")]
+    pub upgrade_idle_timeout: ConfigDuration,
+    #[serde(default = "default_upstream_keepalive")]
+    pub upstream_keepalive: usize,
+    #[serde(default = "default_upstream_idle_timeout")]
+    pub upstream_idle_timeout: ConfigDuration,
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout: ConfigDuration,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NoSni {
+    #[default]
+    Default,
+    Reject,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRule {
+    /// `a.example` or `*.example`.
+    pub server_name: String,
+    pub pool: String,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    #[default]
+    Off,
+    Optional,
+    Required,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertPair {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    /// The default certificate chain (PEM).
+    pub cert: String,
+    pub key: String,
+    /// Further certificates, chosen by SNI against their names.
+    #[serde(default)]
+    pub certificates: Vec<CertPair>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    #[serde(default)]
+    pub client_ca: Option<String>,
+    #[serde(default = "default_cert_header")]
+    pub forward_cert_header: String,
+    #[serde(default)]
+    pub forward_subject_header: Option<String>,
+    #[serde(default)]
+    pub forward_fingerprint_header: Option<String>,
+    #[serde(default)]
+    pub min_version: Option<String>,
+    #[serde(default)]
+    pub ciphers: Vec<String>,
+    #[serde(default = "default_alpn")]
+    pub alpn: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Route {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    #[serde(default)]
+    pub path_regex: Option<String>,
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub module: Option<String>,
+    /// Add the client-certificate header(s) on this route.
+    #[serde(default = "default_true")]
+    pub forward_cert: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolTls {
+    /// CA bundle that backend certificates must chain to.
+    pub ca: String,
+    /// Name presented (SNI) and verified; defaults to the backend IP.
+    #[serde(default)]
+    pub server_name: Option<String>,
+    #[serde(default)]
+    pub min_version: Option<String>,
+    /// Client certificate the balancer presents to backends.
+    #[serde(default)]
+    pub cert: Option<String>,
+    #[serde(default)]
+    pub key: Option<String>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -123,6 +277,9 @@ pub struct Pool {
     pub retries: u32,
     #[serde(default)]
     pub health_check: Option<HealthCheck>,
+    /// Re-encrypt to the backends (offload listeners).
+    #[serde(default)]
+    pub tls: Option<PoolTls>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -221,4 +378,43 @@ fn default_rise() -> u32 {
 }
 fn default_fall() -> u32 {
     3
+}
+fn default_hello_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(5)
+}
+fn default_hello_max_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_headers() -> usize {
+    100
+}
+fn default_header_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(30)
+}
+fn default_response_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
+}
+fn default_upgrade_idle_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(3600)
+}
+fn default_upstream_keepalive() -> usize {
+    32
+}
+fn default_upstream_idle_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
+}
+fn default_handshake_timeout() -> ConfigDuration {
+    ConfigDuration::from_secs(10)
+}
+fn default_cert_header() -> String {
+    "X-SSL-CERT".into()
+}
+fn default_alpn() -> Vec<String> {
+    vec!["h2".into(), "http/1.1".into()]
+}
+fn default_data_dir() -> String {
+    "data".into()
 }

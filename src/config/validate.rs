@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 
-use super::error::SemanticError;
+use super::error::{Seg, SemanticError};
 use super::plan::*;
 use super::schema::{self, File};
 use crate::acl::Acl;
@@ -13,7 +13,10 @@ use crate::key_path;
 /// Upper bound on a backend weight: keeps the round-robin schedule small.
 pub const MAX_WEIGHT: u32 = 1000;
 
-pub fn validate(file: File, source: &Path) -> Result<Plan, SemanticError> {
+pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, SemanticError> {
+    // Relative file names (certificates, keys) are relative to the
+    // configuration file, as in nginx and HAProxy.
+    let base = source.parent().unwrap_or(Path::new("."));
     let admin_bind = parse_addr(&file.admin.bind, key_path!["admin", "bind"])?;
     check_log_level(&file.global.log_level)?;
 
@@ -26,8 +29,47 @@ pub fn validate(file: File, source: &Path) -> Result<Plan, SemanticError> {
                 format!("duplicate pool name {:?}", p.name),
             ));
         }
-        pools.push(pool(p, i)?);
+        pools.push(pool(p, i, base)?);
     }
+
+    let mut modules = Vec::new();
+    for (name, table) in &file.module {
+        let kind = match table.get("kind") {
+            None => name.clone(),
+            Some(toml::Value::String(k)) => k.clone(),
+            Some(_) => {
+                return Err(SemanticError::new(
+                    key_path!["module", name.as_str(), "kind"],
+                    "kind must be a string",
+                ))
+            }
+        };
+        if !table.is_table() {
+            return Err(SemanticError::new(
+                key_path!["module", name.as_str()],
+                "must be a table",
+            ));
+        }
+        if !kinds.contains(&kind.as_str()) {
+            return Err(SemanticError::new(
+                key_path!["module", name.as_str()],
+                format!(
+                    "no module kind {kind:?} (available: {})",
+                    if kinds.is_empty() {
+                        "none".to_string()
+                    } else {
+                        kinds.join(", ")
+                    }
+                ),
+            ));
+        }
+        modules.push(ModulePlan {
+            name: name.clone(),
+            kind,
+            config: table.clone(),
+        });
+    }
+    let module_names: HashSet<String> = file.module.keys().cloned().collect();
 
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
@@ -52,16 +94,6 @@ pub fn validate(file: File, source: &Path) -> Result<Plan, SemanticError> {
                 format!("{bind} is the admin address"),
             ));
         }
-        if !pool_names.contains(&l.pool) {
-            return Err(SemanticError::new(
-                key_path!["listener", i, "pool"],
-                format!(
-                    "no pool named {:?} (defined pools: {})",
-                    l.pool,
-                    list(&pool_names)
-                ),
-            ));
-        }
         let acl = Acl::parse(&l.allow, &l.deny).map_err(|(field, idx, msg)| {
             SemanticError::new(key_path!["listener", i, field, idx], msg)
         })?;
@@ -77,9 +109,7 @@ pub fn validate(file: File, source: &Path) -> Result<Plan, SemanticError> {
                 "idle_timeout must be greater than zero",
             ));
         }
-        let mode = match l.mode {
-            schema::Mode::Tcp => ListenerMode::Tcp { pool: l.pool },
-        };
+        let mode = mode(&l, i, &pool_names, &module_names, base)?;
         listeners.push(ListenerPlan {
             name: l.name,
             bind,
@@ -99,16 +129,18 @@ pub fn validate(file: File, source: &Path) -> Result<Plan, SemanticError> {
 
     Ok(Plan {
         source: source.to_path_buf(),
-        log_level: file.global.log_level,
+        log_level: file.global.log_level.clone(),
         drain_timeout: file.global.drain_timeout.0,
         worker_threads: file.global.worker_threads,
         admin_bind,
         listeners,
         pools,
+        data_dir: base.join(&file.global.data_dir),
+        modules,
     })
 }
 
-fn pool(p: schema::Pool, i: usize) -> Result<PoolPlan, SemanticError> {
+fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticError> {
     if p.backends.is_empty() {
         return Err(SemanticError::new(
             key_path!["pool", i, "backends"],
@@ -156,7 +188,12 @@ fn pool(p: schema::Pool, i: usize) -> Result<PoolPlan, SemanticError> {
         None => None,
         Some(h) => Some(health(h, i)?),
     };
+    let tls = match &p.tls {
+        None => None,
+        Some(t) => Some(super::tls::upstream(t, base, key_path!["pool", i, "tls"])?),
+    };
     Ok(PoolPlan {
+        tls,
         name: p.name,
         algorithm: p.algorithm,
         backends,
@@ -213,7 +250,7 @@ fn health(h: schema::HealthCheck, i: usize) -> Result<HealthPlan, SemanticError>
     })
 }
 
-fn parse_addr(s: &str, path: Vec<super::error::Seg>) -> Result<SocketAddr, SemanticError> {
+fn parse_addr(s: &str, path: Vec<Seg>) -> Result<SocketAddr, SemanticError> {
     s.parse().map_err(|_| {
         SemanticError::new(
             path,
@@ -240,4 +277,282 @@ fn list(names: &HashSet<String>) -> String {
     let mut v: Vec<&str> = names.iter().map(String::as_str).collect();
     v.sort_unstable();
     v.join(", ")
+}
+
+fn pool_ref(name: &str, pools: &HashSet<String>, path: Vec<Seg>) -> Result<String, SemanticError> {
+    if pools.contains(name) {
+        Ok(name.to_string())
+    } else {
+        Err(SemanticError::new(
+            path,
+            format!("no pool named {name:?} (defined pools: {})", list(pools)),
+        ))
+    }
+}
+
+/// Keys that only make sense in some modes must not be set in others: a
+/// silently ignored key is a misconfiguration waiting to surprise.
+fn only_in(l: &schema::Listener, i: usize) -> Result<(), SemanticError> {
+    use schema::Mode::*;
+    let misplaced = |key: &str, modes: &str| {
+        Err(SemanticError::new(
+            key_path!["listener", i, key],
+            format!(
+                "`{key}` applies to {modes} listeners only (this one is {:?})",
+                l.mode
+            ),
+        ))
+    };
+    if l.mode != Passthrough && !l.sni.is_empty() {
+        return misplaced("sni", "passthrough");
+    }
+    if l.mode != Offload {
+        if l.tls.is_some() {
+            return misplaced("tls", "offload");
+        }
+        if !l.route.is_empty() {
+            return misplaced("route", "offload");
+        }
+    }
+    if l.mode == Offload && !l.splice {
+        return misplaced("splice", "tcp and passthrough");
+    }
+    Ok(())
+}
+
+fn mode(
+    l: &schema::Listener,
+    i: usize,
+    pools: &HashSet<String>,
+    modules: &HashSet<String>,
+    base: &Path,
+) -> Result<ListenerMode, SemanticError> {
+    only_in(l, i)?;
+    let default_pool = match &l.pool {
+        Some(p) => Some(pool_ref(p, pools, key_path!["listener", i, "pool"])?),
+        None => None,
+    };
+    match l.mode {
+        schema::Mode::Tcp => match default_pool {
+            Some(pool) => Ok(ListenerMode::Tcp { pool }),
+            None => Err(SemanticError::new(
+                key_path!["listener", i],
+                format!("listener {:?} (mode tcp) needs `pool`", l.name),
+            )),
+        },
+        schema::Mode::Passthrough => {
+            let mut rules = Vec::new();
+            for (j, r) in l.sni.iter().enumerate() {
+                let m = HostMatch::parse(&r.server_name).map_err(|e| {
+                    SemanticError::new(key_path!["listener", i, "sni", j, "server_name"], e)
+                })?;
+                rules.push((
+                    m,
+                    pool_ref(&r.pool, pools, key_path!["listener", i, "sni", j, "pool"])?,
+                ));
+            }
+            if rules.is_empty() && default_pool.is_none() {
+                return Err(SemanticError::new(
+                    key_path!["listener", i],
+                    format!("passthrough listener {:?} needs `pool` or at least one [[listener.sni]] rule", l.name),
+                ));
+            }
+            Ok(ListenerMode::Passthrough(PassthroughPlan {
+                rules,
+                default_pool,
+                reject_no_sni: l.no_sni == schema::NoSni::Reject,
+                hello_timeout: l.hello_timeout.0,
+                hello_max_bytes: l.hello_max_bytes,
+            }))
+        }
+        schema::Mode::Offload => offload(l, i, pools, modules, default_pool, base)
+            .map(|o| ListenerMode::Offload(Box::new(o))),
+    }
+}
+
+fn offload(
+    l: &schema::Listener,
+    i: usize,
+    pools: &HashSet<String>,
+    modules: &HashSet<String>,
+    default_pool: Option<String>,
+    base: &Path,
+) -> Result<OffloadPlan, SemanticError> {
+    let Some(tls) = &l.tls else {
+        return Err(SemanticError::new(
+            key_path!["listener", i],
+            format!(
+                "offload listener {:?} needs a `tls` table (cert, key)",
+                l.name
+            ),
+        ));
+    };
+    let server = super::tls::server(tls, base, key_path!["listener", i, "tls"])?;
+    let header = |v: &str, k: &str| -> Result<Option<hyper::header::HeaderName>, SemanticError> {
+        if v.is_empty() {
+            return Ok(None);
+        }
+        hyper::header::HeaderName::from_bytes(v.as_bytes())
+            .map(Some)
+            .map_err(|_| {
+                SemanticError::new(
+                    key_path!["listener", i, "tls", k],
+                    format!("{v:?} is not a valid header name"),
+                )
+            })
+    };
+    let cert_headers = CertHeaders {
+        cert: header(&tls.forward_cert_header, "forward_cert_header")?,
+        subject: header(
+            tls.forward_subject_header.as_deref().unwrap_or(""),
+            "forward_subject_header",
+        )?,
+        fingerprint: header(
+            tls.forward_fingerprint_header.as_deref().unwrap_or(""),
+            "forward_fingerprint_header",
+        )?,
+    };
+
+    let mut routes = Vec::new();
+    for (j, r) in l.route.iter().enumerate() {
+        let at = |k: &str| key_path!["listener", i, "route", j, k];
+        let path = match (&r.path_prefix, &r.path_regex) {
+            (Some(_), Some(_)) => {
+                return Err(SemanticError::new(
+                    at("path_regex"),
+                    "give path_prefix or path_regex, not both",
+                ))
+            }
+            (Some(p), None) => {
+                if !p.starts_with('/') {
+                    return Err(SemanticError::new(
+                        at("path_prefix"),
+                        format!("{p:?} must start with '/'"),
+                    ));
+                }
+                PathMatch::Prefix(p.clone())
+            }
+            (None, Some(re)) => PathMatch::Regex(regex::Regex::new(re).map_err(|e| {
+                SemanticError::new(at("path_regex"), format!("invalid regex: {e}"))
+            })?),
+            (None, None) => PathMatch::Prefix("/".into()),
+        };
+        let host = match &r.host {
+            Some(h) => Some(HostMatch::parse(h).map_err(|e| SemanticError::new(at("host"), e))?),
+            None => None,
+        };
+        let target = match (&r.pool, &r.module) {
+            (Some(p), None) => Target::Pool(pool_ref(p, pools, at("pool"))?),
+            (None, Some(m)) => {
+                if !modules.contains(m) {
+                    return Err(SemanticError::new(
+                        at("module"),
+                        format!("no module named {m:?} (configure it in a [module.{m}] table)"),
+                    ));
+                }
+                Target::Module(m.clone())
+            }
+            _ => {
+                return Err(SemanticError::new(
+                    key_path!["listener", i, "route", j],
+                    "a route needs exactly one of `pool` or `module`",
+                ))
+            }
+        };
+        routes.push(RoutePlan {
+            name: r.name.clone().unwrap_or_else(|| format!("route{j}")),
+            host,
+            path,
+            target,
+            forward_cert: r.forward_cert,
+        });
+    }
+    if let Some(pool) = default_pool {
+        routes.push(RoutePlan {
+            name: "default".into(),
+            host: None,
+            path: PathMatch::Prefix("/".into()),
+            target: Target::Pool(pool),
+            forward_cert: true,
+        });
+    }
+    if routes.is_empty() {
+        return Err(SemanticError::new(
+            key_path!["listener", i],
+            format!(
+                "offload listener {:?} needs `pool` or at least one [[listener.route]]",
+                l.name
+            ),
+        ));
+    }
+
+    let nets = |list: &[String], key: &str| -> Result<Vec<ipnet::IpNet>, SemanticError> {
+        list.iter()
+            .enumerate()
+            .map(|(j, s)| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        SemanticError::new(
+                            key_path!["listener", i, key, j],
+                            format!("{s:?} is not an IP address or CIDR network"),
+                        )
+                    })
+            })
+            .collect()
+    };
+    let allowed_hosts = if l.allowed_hosts.is_empty() {
+        None
+    } else {
+        Some(
+            l.allowed_hosts
+                .iter()
+                .enumerate()
+                .map(|(j, h)| {
+                    HostMatch::parse(h).map_err(|e| {
+                        SemanticError::new(key_path!["listener", i, "allowed_hosts", j], e)
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        )
+    };
+    let hsts = l.hsts_max_age.map(|age| {
+        let sub = if l.hsts_include_subdomains {
+            "; includeSubDomains"
+        } else {
+            ""
+        };
+        hyper::header::HeaderValue::from_str(&format!("max-age={}{sub}", age.0.as_secs()))
+            .expect("ASCII header value")
+    });
+    if l.max_header_bytes < 1024 {
+        return Err(SemanticError::new(
+            key_path!["listener", i, "max_header_bytes"],
+            "max_header_bytes must be at least 1024",
+        ));
+    }
+    if l.max_headers == 0 {
+        return Err(SemanticError::new(
+            key_path!["listener", i, "max_headers"],
+            "max_headers must be at least 1",
+        ));
+    }
+    Ok(OffloadPlan {
+        tls: server,
+        cert_headers,
+        routes,
+        http: HttpPlan {
+            trusted_proxies: nets(&l.trusted_proxies, "trusted_proxies")?,
+            allowed_hosts,
+            hsts,
+            max_header_bytes: l.max_header_bytes,
+            max_headers: l.max_headers,
+            header_timeout: l.header_timeout.0,
+            response_timeout: l.response_timeout.0,
+            upgrade_idle_timeout: l.upgrade_idle_timeout.0,
+            upstream_keepalive: l.upstream_keepalive,
+            upstream_idle_timeout: l.upstream_idle_timeout.0,
+            handshake_timeout: l.handshake_timeout.0,
+        },
+    })
 }

@@ -16,16 +16,29 @@ pub(super) async fn one_way(
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
-        // The buffer lives only while bytes flow: an idle connection holds
-        // no buffer memory.
-        let mut buf = vec![0u8; BUF];
-        loop {
-            match from.try_read(&mut buf) {
-                Ok(0) => return shutdown_write(to),
-                Ok(n) => write_all(to, &buf[..n], progress).await?,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) => return Err(e),
-            }
+        if move_ready(from, to, progress).await? {
+            return Ok(());
+        }
+    }
+}
+
+/// Move what `from` has ready, until it would block. Returns true once
+/// `from` reached end-of-stream (the FIN has then been passed on). Also
+/// the splice path's fallback when it cannot get a pipe.
+pub(super) async fn move_ready(
+    from: &TcpStream,
+    to: &TcpStream,
+    progress: &Progress<'_>,
+) -> io::Result<bool> {
+    // The buffer lives only while bytes flow: an idle connection holds no
+    // buffer memory.
+    let mut buf = vec![0u8; BUF];
+    loop {
+        match from.try_read(&mut buf) {
+            Ok(0) => return shutdown_write(to).map(|()| true),
+            Ok(n) => write_all(to, &buf[..n], progress).await?,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -6,6 +6,7 @@
 mod copy;
 #[cfg(target_os = "linux")]
 mod pipes;
+pub mod relay;
 #[cfg(target_os = "linux")]
 mod splice;
 #[cfg(target_os = "linux")]
@@ -100,11 +101,23 @@ async fn run(
 ) -> PumpEnd {
     let a = one_way(client, backend, cfg.splice, up);
     let b = one_way(backend, client, cfg.splice, down);
+    drive(a, b, cfg.idle_timeout, up, down).await
+}
+
+/// Run both directions to completion under the idle watchdog. An error in
+/// either direction ends both.
+async fn drive(
+    a: impl std::future::Future<Output = io::Result<()>>,
+    b: impl std::future::Future<Output = io::Result<()>>,
+    idle_timeout: Duration,
+    up: &Progress<'_>,
+    down: &Progress<'_>,
+) -> PumpEnd {
     tokio::pin!(a, b);
     let (mut a_done, mut b_done) = (false, false);
     // The watchdog samples progress a few times per timeout rather than
     // re-arming a timer on every chunk, which would cost per byte moved.
-    let step = (cfg.idle_timeout / 4).max(Duration::from_millis(20));
+    let step = (idle_timeout / 4).max(Duration::from_millis(20));
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
     let mut seen = 0u64;
     let mut last_move = Instant::now();
@@ -123,7 +136,7 @@ async fn run(
                 if total != seen {
                     seen = total;
                     last_move = Instant::now();
-                } else if last_move.elapsed() >= cfg.idle_timeout {
+                } else if last_move.elapsed() >= idle_timeout {
                     return PumpEnd::IdleTimeout;
                 }
             }

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use super::pipes::{self, CHUNK};
 use super::splice::Pipe;
-use super::{shutdown_write, Progress};
+use super::{copy, shutdown_write, Progress};
 
 pub(super) async fn one_way(
     from: &TcpStream,
@@ -17,7 +17,18 @@ pub(super) async fn one_way(
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
-        let pipe = pipes::take()?;
+        let pipe = match pipes::take() {
+            Ok(pipe) => pipe,
+            // No descriptor (EMFILE/ENFILE) or pipe memory for a new pipe:
+            // move this batch through a buffer rather than tear down a
+            // healthy connection, and try for a pipe again next time.
+            Err(_) => {
+                if copy::move_ready(from, to, progress).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
         // Move bytes while the socket has them; the pipe goes back to the
         // pool the moment the socket would block.
         loop {

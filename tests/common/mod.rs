@@ -2,6 +2,9 @@
 //! and small real backends (TCP servers) for it to balance over.
 #![allow(dead_code)]
 
+pub mod pki;
+pub mod web;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

@@ -1,0 +1,172 @@
+//! TLS offload: terminate TLS, route HTTP requests by host and path, and
+//! forward them (with the verified client certificate) to a pool.
+
+pub mod headers;
+pub mod route;
+pub mod server;
+pub mod service;
+pub mod upgrade;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::header::HeaderValue;
+use ipnet::IpNet;
+use prometheus::{Histogram, IntCounter, IntGauge};
+
+use crate::metrics::Metrics;
+pub use route::{HostMatch, PathMatch, RoutePlan, Target};
+
+/// A verified client certificate and the forms it is forwarded in,
+/// computed once per connection rather than per request.
+#[derive(Debug)]
+pub struct ClientCert {
+    pub der: Vec<u8>,
+    pub escaped_pem: String,
+    pub subject: String,
+    pub sha256: String,
+}
+
+impl ClientCert {
+    pub fn from_der(der: &[u8]) -> ClientCert {
+        ClientCert {
+            der: der.to_vec(),
+            escaped_pem: crate::tls::forward::escaped_pem(der),
+            subject: crate::tls::forward::subject_dn(der).unwrap_or_default(),
+            sha256: crate::tls::forward::sha256_fingerprint(der),
+        }
+    }
+}
+
+/// What a request knows about the connection it came on.
+#[derive(Debug)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub listener: String,
+    pub sni: Option<String>,
+    pub alpn: Option<Vec<u8>>,
+    pub client_cert: Option<Arc<ClientCert>>,
+}
+
+/// HTTP behaviour of an offload listener.
+#[derive(Debug, Clone)]
+pub struct HttpPlan {
+    /// Proxies whose X-Forwarded-* headers are kept (appended to).
+    pub trusted_proxies: Vec<IpNet>,
+    /// When set, other Host values get 421.
+    pub allowed_hosts: Option<Vec<HostMatch>>,
+    /// The Strict-Transport-Security value, when HSTS is on.
+    pub hsts: Option<HeaderValue>,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// Time allowed for a request's headers to arrive (slow clients), and
+    /// for an idle keep-alive connection to send its next request.
+    pub header_timeout: Duration,
+    /// Time allowed for a backend's response headers (504 after).
+    pub response_timeout: Duration,
+    /// Idle timeout of upgraded (WebSocket) streams: devices hold them for
+    /// hours, so it is separate from the HTTP timeouts.
+    pub upgrade_idle_timeout: Duration,
+    /// Idle keep-alive connections kept per backend.
+    pub upstream_keepalive: usize,
+    pub upstream_idle_timeout: Duration,
+    pub handshake_timeout: Duration,
+}
+
+impl HttpPlan {
+    pub fn trusts(&self, ip: std::net::IpAddr) -> bool {
+        self.trusted_proxies.iter().any(|n| n.contains(&ip))
+    }
+}
+
+/// A route with its target resolved for this run.
+pub struct RouteRuntime {
+    pub plan: RoutePlan,
+    pub target: TargetRuntime,
+    pub requests: [IntCounter; 5],
+    pub duration: Histogram,
+}
+
+pub enum TargetRuntime {
+    Pool(Arc<upstream::Upstream>),
+    Module(Arc<dyn crate::module::Module>),
+}
+
+/// Metrics of one offload listener, resolved when the plan is applied.
+pub struct OffloadMetrics {
+    pub handshake_ok: IntCounter,
+    pub handshake_failed: IntCounter,
+    pub handshake_timeout: IntCounter,
+    pub certs_none: IntCounter,
+    pub certs_verified: IntCounter,
+    pub certs_rejected: IntCounter,
+    pub upgraded: IntGauge,
+    pub no_route: IntCounter,
+    pub bad_host: IntCounter,
+    pub no_backend: IntCounter,
+    pub upstream_failed: IntCounter,
+    pub upstream_timeout: IntCounter,
+    metrics: Arc<Metrics>,
+    listener: String,
+}
+
+impl OffloadMetrics {
+    pub fn new(m: &Arc<Metrics>, listener: &str) -> Self {
+        let hs = |r| m.tls_handshakes.with_label_values(&[listener, r]);
+        let cert = |s| m.client_certs.with_label_values(&[listener, s]);
+        let err = |k| m.http_errors.with_label_values(&[listener, k]);
+        OffloadMetrics {
+            handshake_ok: hs("ok"),
+            handshake_failed: hs("failed"),
+            handshake_timeout: hs("timeout"),
+            certs_none: cert("none"),
+            certs_verified: cert("verified"),
+            certs_rejected: cert("rejected"),
+            upgraded: m.upgraded_active.with_label_values(&[listener]),
+            no_route: err("no_route"),
+            bad_host: err("host_not_allowed"),
+            no_backend: err("no_backend"),
+            upstream_failed: err("upstream_failed"),
+            upstream_timeout: err("upstream_timeout"),
+            metrics: m.clone(),
+            listener: listener.to_string(),
+        }
+    }
+
+    pub fn handshake_version(&self, version: &str, alpn: &str) {
+        let l = self.listener.as_str();
+        self.metrics
+            .tls_versions
+            .with_label_values(&[l, version])
+            .inc();
+        self.metrics.tls_alpn.with_label_values(&[l, alpn]).inc();
+    }
+
+    pub fn route(&self, route: &str) -> ([IntCounter; 5], Histogram) {
+        let l = self.listener.as_str();
+        let c = |class| {
+            self.metrics
+                .http_requests
+                .with_label_values(&[l, route, class])
+        };
+        (
+            [c("1xx"), c("2xx"), c("3xx"), c("4xx"), c("5xx")],
+            self.metrics
+                .http_request_seconds
+                .with_label_values(&[l, route]),
+        )
+    }
+}
+
+/// Everything an offload listener needs, rebuilt on reload.
+pub struct Offload {
+    pub tls: Arc<rustls::ServerConfig>,
+    pub http: HttpPlan,
+    pub cert_headers: headers::CertHeaders,
+    pub routes: Vec<RouteRuntime>,
+    pub metrics: OffloadMetrics,
+    /// The listener's byte counters, for upgraded streams.
+    pub bytes: crate::l4::ByteCounters,
+}

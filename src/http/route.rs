@@ -1,0 +1,132 @@
+//! Host and path routing for offloaded HTTP: first match wins.
+
+use regex::Regex;
+
+/// A host name rule: `device.example` or `*.example` (any subdomain).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostMatch {
+    Exact(String),
+    /// Stored with its leading dot: `*.example` → `.example`.
+    Suffix(String),
+}
+
+impl HostMatch {
+    pub fn parse(s: &str) -> Result<HostMatch, String> {
+        let lower = s.trim().to_ascii_lowercase();
+        let bad = |why: &str| Err(format!("{s:?} is not a host name{why}"));
+        if let Some(rest) = lower.strip_prefix("*.") {
+            if rest.is_empty() || rest.contains('*') {
+                return bad(" (a wildcard is written \"*.example.com\")");
+            }
+            return Ok(HostMatch::Suffix(format!(".{rest}")));
+        }
+        if lower.is_empty() || lower.contains('*') || lower.contains('/') || lower.contains(' ') {
+            return bad(" (write \"device.example.com\" or \"*.example.com\")");
+        }
+        Ok(HostMatch::Exact(lower))
+    }
+
+    /// `host` must already be lowercase and without a port.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostMatch::Exact(h) => h == host,
+            HostMatch::Suffix(s) => host.len() > s.len() && host.ends_with(s.as_str()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum PathMatch {
+    Prefix(String),
+    Regex(Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &str) -> bool {
+        match self {
+            PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::Regex(r) => r.is_match(path),
+        }
+    }
+}
+
+/// Where a matching request goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Pool(String),
+    /// An in-process backend module, registered by name.
+    Module(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct RoutePlan {
+    /// Label for metrics and logs.
+    pub name: String,
+    pub host: Option<HostMatch>,
+    pub path: PathMatch,
+    pub target: Target,
+    /// Add the verified client certificate header(s) on this route.
+    pub forward_cert: bool,
+}
+
+impl RoutePlan {
+    pub fn matches(&self, host: &str, path: &str) -> bool {
+        self.host.as_ref().is_none_or(|h| h.matches(host)) && self.path.matches(path)
+    }
+}
+
+/// The host a request is for, lowercase and without port: HTTP/2's
+/// `:authority`, else the `Host` header.
+pub fn request_host<B>(req: &hyper::Request<B>) -> String {
+    let raw = req
+        .uri()
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(strip_port)
+        })
+        .unwrap_or_default();
+    raw.to_ascii_lowercase()
+}
+
+fn strip_port(h: &str) -> String {
+    if let Some(rest) = h.strip_prefix('[') {
+        // [v6]:port
+        return rest.split(']').next().unwrap_or("").to_string();
+    }
+    h.rsplit_once(':')
+        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+        .map_or(h, |(host, _)| host)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_rules() {
+        let w = HostMatch::parse("*.Example.com").unwrap();
+        assert!(w.matches("a.example.com"));
+        assert!(w.matches("a.b.example.com"));
+        assert!(!w.matches("example.com"));
+        assert!(!w.matches("badexample.com"));
+        assert!(HostMatch::parse("a.*.com").is_err());
+        assert_eq!(strip_port("a.example:8443"), "a.example");
+        assert_eq!(strip_port("[::1]:8443"), "::1");
+    }
+
+    #[test]
+    fn field_notes_paths() {
+        let r = PathMatch::Regex(
+            Regex::new("^/device-connector/device/(ws-connect|portforwarding)").unwrap(),
+        );
+        assert!(r.matches("/device-connector/device/ws-connect"));
+        assert!(r.matches("/device-connector/device/portforwarding/7"));
+        assert!(!r.matches("/device-connector/device/other"));
+        assert!(PathMatch::Prefix("/".into()).matches("/anything"));
+    }
+}

@@ -1,0 +1,99 @@
+//! The plug for in-process backends. A route can name a module wherever it
+//! can name a pool; the proxy core knows nothing of what a module does.
+//!
+//! A module receives each HTTP request with the context of its connection
+//! (peer address, listener, SNI, the verified client certificate) and
+//! returns a response. To take over an upgraded stream (WebSocket), it
+//! answers `101 Switching Protocols` and awaits `hyper::upgrade::on(&mut
+//! request)` in a task of its own. Modules may also serve an
+//! administration API on the admin listener under `/modules/NAME/`.
+
+pub mod builtin;
+pub mod devices;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http_body_util::combinators::BoxBody;
+use hyper::body::{Bytes, Incoming};
+use hyper::{Request, Response};
+
+pub use crate::http::ClientCert;
+
+/// Response bodies: anything that streams `Bytes`.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What a module knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub peer: SocketAddr,
+    pub listener: String,
+    pub route: String,
+    pub sni: Option<String>,
+    /// The client certificate verified at the TLS handshake, if any.
+    pub client_cert: Option<Arc<ClientCert>>,
+}
+
+pub trait Module: Send + Sync + 'static {
+    /// Serve one request arriving on a listener route.
+    fn handle(&self, req: Request<Incoming>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>>;
+
+    /// Serve one request under `/modules/NAME/` on the admin listener
+    /// (the path is passed unchanged). `None`: the module has no admin API.
+    fn admin(&self, _req: Request<Incoming>) -> Option<BoxFuture<'_, Response<Body>>> {
+        None
+    }
+
+    /// Called once when the process is stopping, after listeners closed.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// What a module is given when it is built.
+#[derive(Debug, Clone)]
+pub struct ModuleEnv {
+    /// The module's name (its key under `[module]`).
+    pub name: String,
+    /// Directory for the module's own files (`global.data_dir`/NAME).
+    pub data_dir: PathBuf,
+}
+
+/// Builds a module from its TOML table. An error names what is wrong; the
+/// caller adds the file and key.
+pub type Factory = Arc<
+    dyn Fn(&toml::Value, &ModuleEnv) -> BoxFuture<'static, anyhow::Result<Arc<dyn Module>>>
+        + Send
+        + Sync,
+>;
+
+/// Module kinds by name. `fleetgate run` registers the built-in ones; a
+/// program embedding fleetgate can register its own.
+#[derive(Clone, Default)]
+pub struct Registry {
+    kinds: BTreeMap<String, Factory>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    pub fn register(&mut self, kind: &str, factory: Factory) {
+        self.kinds.insert(kind.to_string(), factory);
+    }
+
+    pub fn get(&self, kind: &str) -> Option<&Factory> {
+        self.kinds.get(kind)
+    }
+
+    pub fn kinds(&self) -> impl Iterator<Item = &str> {
+        self.kinds.keys().map(String::as_str)
+    }
+}

@@ -1,0 +1,63 @@
+//! TLS passthrough: read the ClientHello without consuming it, route on
+//! its SNI, then pump the untouched bytes (splice) to the chosen pool.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounterVec;
+use tokio::net::TcpStream;
+
+use crate::balance::Pool;
+use crate::http::HostMatch;
+use crate::listener::ListenerShared;
+use crate::tls::client_hello::peek_client_hello;
+
+pub struct Passthrough {
+    pub rules: Vec<(HostMatch, Arc<Pool>)>,
+    /// For a name no rule matches, and (unless `reject_no_sni`) no name.
+    pub default: Option<Arc<Pool>>,
+    pub reject_no_sni: bool,
+    pub hello_timeout: Duration,
+    pub hello_max_bytes: usize,
+    /// `fleetgate_tls_client_hello_rejected_total`, by reason.
+    pub rejected: IntCounterVec,
+}
+
+impl Passthrough {
+    /// The pool for a ClientHello's server name, if any.
+    pub fn choose(&self, sni: Option<&str>) -> Result<&Arc<Pool>, &'static str> {
+        match sni {
+            Some(name) => self
+                .rules
+                .iter()
+                .find(|(m, _)| m.matches(name))
+                .map(|(_, p)| p)
+                .or(self.default.as_ref())
+                .ok_or("no_route"),
+            None if self.reject_no_sni => Err("no_sni"),
+            None => self.default.as_ref().ok_or("no_sni"),
+        }
+    }
+}
+
+pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerShared, pt: &Passthrough) {
+    let listener = ctx.plan.name.as_str();
+    let reject = |reason: &str, detail: &dyn std::fmt::Display| {
+        pt.rejected.with_label_values(&[listener, reason]).inc();
+        if let Some(held) = ctx.reject_log.allow() {
+            tracing::info!(listener, %peer, reason, "passthrough connection closed: {detail} ({held} rejections suppressed)");
+        }
+    };
+    let hello = match peek_client_hello(&client, pt.hello_max_bytes, pt.hello_timeout).await {
+        Ok(h) => h,
+        Err(e) => return reject(e.reason(), &e),
+    };
+    match pt.choose(hello.sni.as_deref()) {
+        Ok(pool) => crate::proxy::forward(client, peer, ctx, pool).await,
+        Err(reason) => reject(
+            reason,
+            &format_args!("no pool for server name {:?}", hello.sni),
+        ),
+    }
+}

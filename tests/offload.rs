@@ -1,0 +1,339 @@
+//! TLS offload through the real binary: client-certificate policy,
+//! certificate forwarding, header stripping, path routing, WebSocket,
+//! re-encryption.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::pki::{client_config, server_config, Ca, Leaf};
+use common::web::{echo_backend, https_get, tls_connect, websocket_backend, Seen};
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    server_ca: Ca,
+    device: Leaf,
+    intruder: Leaf,
+    lb: Balancer,
+    front: SocketAddr,
+}
+
+fn decode_percent(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let hex = std::str::from_utf8(&b[i + 1..i + 3]).unwrap();
+            out.push(u8::from_str_radix(hex, 16).unwrap());
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
+
+/// An offload listener like the vendor's recommended nginx setup: the
+/// WebSocket endpoints to one pool, everything else to another.
+async fn fixture(client_auth: &str, extra_listener: &str, pools: &str) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_ca = Ca::new(d, "server");
+    let device_ca = Ca::new(d, "device");
+    let other_ca = Ca::new(d, "other");
+    let server = server_ca.server(d, "server", &["device.example", "localhost"]);
+    let device = device_ca.client(d, "device-1", "device-1");
+    let intruder = other_ca.client(d, "intruder", "intruder");
+    let ums = echo_backend("ums", None).await;
+    let ws = websocket_backend().await;
+    let front = free_addr();
+    let config = format!(
+        r#"[admin]
+bind = "{{admin}}"
+
+[[listener]]
+name = "device-tls"
+bind = "{front}"
+mode = "offload"
+tls = {{ cert = "{}", key = "{}", client_auth = "{client_auth}", client_ca = "{}", forward_cert_header = "X-SSL-CERT" }}
+{extra_listener}
+
+  [[listener.route]]
+  path_regex = "^/device-connector/device/(ws-connect|portforwarding)"
+  pool = "ums-ws"
+
+  [[listener.route]]
+  path_prefix = "/"
+  pool = "ums"
+
+[[pool]]
+name = "ums"
+backends = [{{ address = "{ums}" }}]
+
+[[pool]]
+name = "ums-ws"
+backends = [{{ address = "{ws}" }}]
+{pools}
+"#,
+        server.cert_path.display(),
+        server.key_path.display(),
+        device_ca.pem_path.display(),
+    );
+    let lb = tokio::task::spawn_blocking(move || Balancer::start(&config))
+        .await
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        server_ca,
+        device,
+        intruder,
+        lb,
+        front,
+    }
+}
+
+impl Fixture {
+    fn client(&self, cert: Option<&Leaf>) -> Arc<rustls::ClientConfig> {
+        client_config(&self.server_ca, cert, &[b"http/1.1"])
+    }
+
+    async fn get(
+        &self,
+        cert: Option<&Leaf>,
+        path: &str,
+        extra: &[(&str, &str)],
+    ) -> std::io::Result<(u16, String)> {
+        https_get(self.front, "device.example", self.client(cert), path, extra).await
+    }
+}
+
+fn seen(body: &str) -> Seen {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an echo: {e}: {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn optional_client_certificates() {
+    let f = fixture("optional", "", "").await;
+
+    // A valid device certificate: served, and forwarded as nginx's
+    // $ssl_client_escaped_cert would be (URL-escaped PEM).
+    let (status, body) = f.get(Some(&f.device), "/api/x", &[]).await.unwrap();
+    assert_eq!(status, 200);
+    let s = seen(&body);
+    let header = s.header("x-ssl-cert").expect("certificate header");
+    assert!(
+        !header.contains('\n') && !header.contains(' '),
+        "header must be escaped: {header}"
+    );
+    assert_eq!(decode_percent(header).trim(), f.device.cert_pem.trim());
+    assert_eq!(header, fleetgate::tls::forward::escaped_pem(&f.device.der));
+
+    // No certificate (an onboarding device): still served, no header.
+    let (status, body) = f.get(None, "/api/x", &[]).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(seen(&body).header("x-ssl-cert"), None);
+
+    // A certificate from another CA: rejected at the handshake.
+    let r = f.get(Some(&f.intruder), "/api/x", &[]).await;
+    assert!(
+        r.is_err(),
+        "a certificate that does not verify must be refused: {r:?}"
+    );
+    assert!(eventually(Duration::from_secs(3), || {
+        f.lb.metric(
+            "fleetgate_tls_client_certificates_total{listener=\"device-tls\",state=\"rejected\"}",
+        ) >= 1.0
+    }));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn required_client_certificates() {
+    let f = fixture("required", "", "").await;
+    assert_eq!(f.get(Some(&f.device), "/", &[]).await.unwrap().0, 200);
+    assert!(
+        f.get(None, "/", &[]).await.is_err(),
+        "no certificate must be refused"
+    );
+    assert!(f.get(Some(&f.intruder), "/", &[]).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_sent_certificate_headers_never_reach_the_backend() {
+    let f = fixture("optional", "", "").await;
+    let forged = [("X-SSL-CERT", "forged"), ("x-ssl-cert", "forged-again")];
+    let (_, body) = f.get(None, "/", &forged).await.unwrap();
+    assert_eq!(seen(&body).header("x-ssl-cert"), None);
+    let (_, body) = f.get(Some(&f.device), "/", &forged).await.unwrap();
+    let s = seen(&body);
+    assert_eq!(s.headers["x-ssl-cert"].len(), 1);
+    assert_eq!(
+        s.header("x-ssl-cert").unwrap(),
+        fleetgate::tls::forward::escaped_pem(&f.device.der)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn forwarded_headers_and_path_routing() {
+    let f = fixture("optional", "", "").await;
+    let (_, body) = f
+        .get(None, "/api/v1/x", &[("X-Forwarded-For", "6.6.6.6")])
+        .await
+        .unwrap();
+    let s = seen(&body);
+    assert_eq!(s.backend, "ums");
+    assert_eq!(s.path, "/api/v1/x");
+    assert_eq!(
+        s.header("x-forwarded-for"),
+        Some("127.0.0.1"),
+        "an untrusted client cannot set XFF"
+    );
+    assert_eq!(s.header("x-forwarded-proto"), Some("https"));
+    assert_eq!(s.header("x-forwarded-host"), Some("device.example"));
+    assert_eq!(s.header("host"), Some("device.example"));
+    // The WebSocket endpoints go to the other pool (a plain GET there is
+    // refused by the WebSocket server, which proves where it went).
+    let (status, body) = f
+        .get(None, "/device-connector/device/ws-connect", &[])
+        .await
+        .unwrap();
+    assert_ne!(status, 200, "{body}");
+    assert!(
+        f.lb.metric(
+            "fleetgate_http_requests_total{class=\"2xx\",listener=\"device-tls\",route=\"route1\"}"
+        ) >= 1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_with_client_certificate_carries_10000_messages() {
+    let f = fixture("optional", "header_timeout = \"500ms\"", "").await;
+    let tls = tls_connect(f.front, "device.example", f.client(Some(&f.device)))
+        .await
+        .unwrap();
+    let url = format!(
+        "wss://device.example:{}/device-connector/device/ws-connect",
+        f.front.port()
+    );
+    let (mut ws, resp) = tokio_tungstenite::client_async(url, tls)
+        .await
+        .expect("websocket upgrade");
+    assert_eq!(resp.status().as_u16(), 101);
+    // The backend first tells us the upgrade request's headers.
+    let hello = ws.next().await.unwrap().unwrap().into_text().unwrap();
+    let headers: std::collections::BTreeMap<String, String> = serde_json::from_str(&hello).unwrap();
+    assert_eq!(
+        headers["x-ssl-cert"],
+        fleetgate::tls::forward::escaped_pem(&f.device.der)
+    );
+
+    // Idle past the HTTP header timeout: an upgraded stream has its own.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let (mut tx, mut rx) = ws.split();
+    let n = 10_000;
+    let sender = tokio::spawn(async move {
+        for i in 0..n {
+            tx.send(Message::Text(format!("message {i}")))
+                .await
+                .unwrap();
+        }
+        tx
+    });
+    for i in 0..n {
+        let m = rx.next().await.unwrap().unwrap();
+        assert_eq!(m.into_text().unwrap(), format!("message {i}"));
+    }
+    let mut tx = sender.await.unwrap();
+    tx.send(Message::Close(None)).await.unwrap();
+    // The backend answers the close and hangs up; once the device closes
+    // too, the relay ends and the stream is no longer counted.
+    while let Some(Ok(m)) = rx.next().await {
+        if m.is_close() {
+            break;
+        }
+    }
+    drop((tx, rx));
+    assert!(eventually(Duration::from_secs(3), || {
+        f.lb.metric("fleetgate_http_upgraded_streams_active{listener=\"device-tls\"}") == 0.0
+    }));
+}
+
+async fn reencrypt_fixture(backend_leaf: impl FnOnce(&Path, &Ca) -> Leaf) -> (Fixture, SocketAddr) {
+    // The backend's certificate comes from `backend_leaf`; the pool trusts
+    // only the "upstream" CA.
+    let dir = tempfile::tempdir().unwrap();
+    let up_ca = Ca::new(dir.path(), "upstream");
+    let leaf = backend_leaf(dir.path(), &up_ca);
+    let backend = echo_backend("tls13", Some(server_config(&leaf, true))).await;
+    let pools = format!(
+        r#"
+[[pool]]
+name = "ums-reencrypt"
+backends = [{{ address = "{backend}" }}]
+tls = {{ ca = "{}", server_name = "ums.example", min_version = "1.3" }}
+"#,
+        up_ca.pem_path.display()
+    );
+    let extra =
+        "\n  [[listener.route]]\n  path_prefix = \"/reencrypt\"\n  pool = \"ums-reencrypt\"\n";
+    let f = fixture("optional", extra, &pools).await;
+    // Keep the upstream CA's directory alive with the fixture.
+    std::mem::forget(dir);
+    (f, backend)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reencryption_to_a_tls13_backend() {
+    let (f, _) = reencrypt_fixture(|d, ca| ca.server(d, "ums", &["ums.example"])).await;
+    let (status, body) = f.get(Some(&f.device), "/reencrypt/x", &[]).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let s = seen(&body);
+    assert_eq!(s.backend, "tls13");
+    assert!(s.header("x-ssl-cert").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn untrusted_backend_certificate_gives_502() {
+    let (f, _) =
+        reencrypt_fixture(|d, _| Ca::new(d, "rogue").server(d, "ums", &["ums.example"])).await;
+    let (status, _) = f.get(None, "/reencrypt/x", &[]).await.unwrap();
+    assert_eq!(status, 502);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn curl_with_a_client_certificate() {
+    let f = fixture("optional", "", "").await;
+    let port = f.front.port();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&f.server_ca.pem_path)
+        .arg("--cert")
+        .arg(&f.device.cert_path)
+        .arg("--key")
+        .arg(&f.device.key_path)
+        .arg("--resolve")
+        .arg(format!("device.example:{port}:127.0.0.1"))
+        .arg(format!("https://device.example:{port}/api/curl"))
+        .output()
+        .await
+        .expect("curl is installed");
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = seen(&String::from_utf8_lossy(&out.stdout));
+    assert_eq!(s.path, "/api/curl");
+    assert_eq!(
+        s.header("x-ssl-cert").unwrap(),
+        fleetgate::tls::forward::escaped_pem(&f.device.der)
+    );
+}
