@@ -326,6 +326,7 @@ impl Runtime {
                     .collect();
                 ModeRuntime::Offload(Arc::new(Offload {
                     tls: o.tls.clone(),
+                    revocation: o.revocation.clone(),
                     http: o.http.clone(),
                     cert_headers: o.cert_headers.clone(),
                     routes,

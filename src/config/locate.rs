@@ -21,23 +21,6 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::line_col;
-
-    #[test]
-    fn columns_count_characters() {
-        let text = "a = 1\nhost = \"ü\", path = \"x\"\n";
-        let at = text.find("path").unwrap();
-        assert_eq!(line_col(text, at), (2, 13));
-        assert_eq!(line_col(text, 0), (1, 1));
-        assert_eq!(line_col(text, text.len()), (3, 1));
-        // Inside a multi-byte character: the character's own column.
-        let inside = text.find('ü').unwrap() + 1;
-        assert_eq!(line_col(text, inside), (2, 9));
-    }
-}
-
 /// Byte offset of the deepest part of `path` that exists in the document:
 /// the value if it is there, else the key, else its nearest ancestor.
 pub fn offset_of(text: &str, path: &[Seg]) -> Option<usize> {
@@ -97,5 +80,22 @@ fn descend_value(v: &Value, rest: &[Seg], mut best: Option<usize>) -> Option<usi
             None => best,
         },
         _ => best,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::line_col;
+
+    #[test]
+    fn columns_count_characters() {
+        let text = "a = 1\nhost = \"ü\", path = \"x\"\n";
+        let at = text.find("path").unwrap();
+        assert_eq!(line_col(text, at), (2, 13));
+        assert_eq!(line_col(text, 0), (1, 1));
+        assert_eq!(line_col(text, text.len()), (3, 1));
+        // Inside a multi-byte character: the character's own column.
+        let inside = text.find('ü').unwrap() + 1;
+        assert_eq!(line_col(text, inside), (2, 9));
     }
 }

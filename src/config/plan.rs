@@ -85,6 +85,8 @@ pub struct PassthroughPlan {
 #[derive(Clone)]
 pub struct OffloadPlan {
     pub tls: Arc<rustls::ServerConfig>,
+    /// Checked after every handshake (resumed sessions skip the verifier).
+    pub revocation: Option<crate::tls::revocation::RevocationList>,
     pub cert_headers: CertHeaders,
     pub http: HttpPlan,
     pub routes: Vec<RoutePlan>,

@@ -187,9 +187,14 @@ pub struct CertPair {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
-    /// The default certificate chain (PEM).
+    /// The default certificate chain (PEM), or "auto": a self-signed
+    /// certificate made in the data directory on first start.
     pub cert: String,
-    pub key: String,
+    #[serde(default)]
+    pub key: Option<String>,
+    /// Names for the "auto" certificate (default: localhost).
+    #[serde(default)]
+    pub auto_names: Vec<String>,
     /// Further certificates, chosen by SNI against their names.
     #[serde(default)]
     pub certificates: Vec<CertPair>,

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use super::error::{Seg, SemanticError};
 use super::schema;
+use super::validate::Env;
+use crate::tls::revocation::RevocationList;
 use crate::tls::server::{build_server_config, ClientAuth, ServerTlsOptions, SniCert};
 use crate::tls::upstream::{UpstreamTls, UpstreamTlsOptions};
 use crate::tls::{certs, MinVersion};
@@ -28,19 +30,29 @@ fn min_version(v: &Option<String>, path: &[Seg]) -> Result<MinVersion, SemanticE
     }
 }
 
-/// The server config of an offload listener.
+/// The server config of an offload listener, and the revocation list to
+/// check after each handshake when its client CA is a module's.
 pub fn server(
     t: &schema::ListenerTls,
-    base: &Path,
+    env: &Env,
     path: Vec<Seg>,
-) -> Result<Arc<rustls::ServerConfig>, SemanticError> {
-    let err =
-        |key: &str, e: crate::tls::TlsError| SemanticError::new(at(&path, key), e.to_string());
-    let default = certs::load_certified_key(&base.join(&t.cert), &base.join(&t.key))
-        .map_err(|e| err("cert", e))?;
+) -> Result<(Arc<rustls::ServerConfig>, Option<RevocationList>), SemanticError> {
+    let err = |key: &str, e: String| SemanticError::new(at(&path, key), e);
+    let default = if t.cert == "auto" {
+        auto_cert(t, env.data_dir).map_err(|e| err("cert", e))?
+    } else {
+        let Some(key) = &t.key else {
+            return Err(err(
+                "key",
+                "`key` is required (or use cert = \"auto\")".into(),
+            ));
+        };
+        certs::load_certified_key(&env.base.join(&t.cert), &env.base.join(key))
+            .map_err(|e| err("cert", e.to_string()))?
+    };
     let mut opts = ServerTlsOptions::new(default);
     for (j, pair) in t.certificates.iter().enumerate() {
-        let key = certs::load_certified_key(&base.join(&pair.cert), &base.join(&pair.key))
+        let key = certs::load_certified_key(&env.base.join(&pair.cert), &env.base.join(&pair.key))
             .map_err(|e| {
                 let mut p = at(&path, "certificates");
                 p.push(Seg::Index(j));
@@ -58,23 +70,80 @@ pub fn server(
         schema::ClientAuth::Optional => ClientAuth::Optional,
         schema::ClientAuth::Required => ClientAuth::Required,
     };
-    if let Some(ca) = &t.client_ca {
-        let roots = certs::load_ca_bundle(&base.join(ca)).map_err(|e| err("client_ca", e))?;
-        opts.client_ca = Some(Arc::new(roots));
-    } else if opts.client_auth != ClientAuth::Off {
-        return Err(SemanticError::new(
-            at(&path, "client_auth"),
-            "client_auth \"optional\" or \"required\" needs `client_ca` (the CA bundle device certificates chain to)",
-        ));
+    let mut revocation = None;
+    match &t.client_ca {
+        Some(ca) => {
+            let file = match ca.strip_prefix("module:") {
+                Some(name) => {
+                    let (file, list) = module_ca(name, env).map_err(|e| err("client_ca", e))?;
+                    revocation = Some(list);
+                    file
+                }
+                None => env.base.join(ca),
+            };
+            let roots =
+                certs::load_ca_bundle(&file).map_err(|e| err("client_ca", e.to_string()))?;
+            opts.client_ca = Some(Arc::new(roots));
+            opts.revocation = revocation.clone();
+        }
+        None if opts.client_auth != ClientAuth::Off => {
+            return Err(err(
+                "client_auth",
+                "client_auth \"optional\" or \"required\" needs `client_ca` (a CA bundle, or \"module:NAME\" for a devices module's CA)".into(),
+            ));
+        }
+        None => {}
     }
-    build_server_config(&opts).map_err(|e| {
+    let config = build_server_config(&opts).map_err(|e| {
         let key = if !t.ciphers.is_empty() {
             "ciphers"
         } else {
             "cert"
         };
-        err(key, e)
-    })
+        err(key, e.to_string())
+    })?;
+    Ok((config, revocation))
+}
+
+/// `cert = "auto"`: a self-signed certificate in the data directory, made
+/// on first start so that a fresh install serves TLS at once.
+fn auto_cert(
+    t: &schema::ListenerTls,
+    data_dir: &Path,
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let cert = data_dir.join("server.pem");
+    let key = data_dir.join("server.key");
+    if !cert.exists() || !key.exists() {
+        std::fs::create_dir_all(data_dir)
+            .map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
+        let fingerprint =
+            certs::generate_self_signed(&t.auto_names, &cert, &key).map_err(|e| e.to_string())?;
+        tracing::warn!(cert = %cert.display(), sha256 = %fingerprint, "created a self-signed server certificate (cert = \"auto\"); replace it with one devices trust");
+    }
+    certs::load_certified_key(&cert, &key).map_err(|e| e.to_string())
+}
+
+/// `client_ca = "module:NAME"`: the device CA of the devices module NAME
+/// (created on first start), and its shared revocation list.
+fn module_ca(name: &str, env: &Env) -> Result<(std::path::PathBuf, RevocationList), String> {
+    let Some(m) = env.modules.iter().find(|m| m.name == name) else {
+        return Err(format!(
+            "no module named {name:?} (configure it in a [module.{name}] table)"
+        ));
+    };
+    if m.kind != "devices" {
+        return Err(format!(
+            "module {name:?} is of kind {:?}, which has no device CA",
+            m.kind
+        ));
+    }
+    let dir = env.data_dir.join(name);
+    crate::module::devices::ca::DeviceCa::load_or_create(&dir, name)
+        .map_err(|e| format!("{e:#}"))?;
+    Ok((
+        dir.join(crate::module::devices::ca::CA_CERT_FILE),
+        crate::module::revocations(name),
+    ))
 }
 
 /// The re-encryption config of a pool.

@@ -70,6 +70,12 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         });
     }
     let module_names: HashSet<String> = file.module.keys().cloned().collect();
+    let data_dir = base.join(&file.global.data_dir);
+    let env = Env {
+        base,
+        data_dir: &data_dir,
+        modules: &modules,
+    };
 
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
@@ -109,7 +115,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
                 "idle_timeout must be greater than zero",
             ));
         }
-        let mode = mode(&l, i, &pool_names, &module_names, base)?;
+        let mode = mode(&l, i, &pool_names, &module_names, &env)?;
         listeners.push(ListenerPlan {
             name: l.name,
             bind,
@@ -135,8 +141,8 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         admin_bind,
         listeners,
         pools,
-        data_dir: base.join(&file.global.data_dir),
-        modules,
+        data_dir: data_dir.clone(),
+        modules: modules.clone(),
     })
 }
 
@@ -325,7 +331,7 @@ fn mode(
     i: usize,
     pools: &HashSet<String>,
     modules: &HashSet<String>,
-    base: &Path,
+    env: &Env,
 ) -> Result<ListenerMode, SemanticError> {
     only_in(l, i)?;
     let default_pool = match &l.pool {
@@ -365,7 +371,7 @@ fn mode(
                 hello_max_bytes: l.hello_max_bytes,
             }))
         }
-        schema::Mode::Offload => offload(l, i, pools, modules, default_pool, base)
+        schema::Mode::Offload => offload(l, i, pools, modules, default_pool, env)
             .map(|o| ListenerMode::Offload(Box::new(o))),
     }
 }
@@ -376,7 +382,7 @@ fn offload(
     pools: &HashSet<String>,
     modules: &HashSet<String>,
     default_pool: Option<String>,
-    base: &Path,
+    env: &Env,
 ) -> Result<OffloadPlan, SemanticError> {
     let Some(tls) = &l.tls else {
         return Err(SemanticError::new(
@@ -387,7 +393,7 @@ fn offload(
             ),
         ));
     };
-    let server = super::tls::server(tls, base, key_path!["listener", i, "tls"])?;
+    let (server, revocation) = super::tls::server(tls, env, key_path!["listener", i, "tls"])?;
     let header = |v: &str, k: &str| -> Result<Option<hyper::header::HeaderName>, SemanticError> {
         if v.is_empty() {
             return Ok(None);
@@ -539,6 +545,7 @@ fn offload(
     }
     Ok(OffloadPlan {
         tls: server,
+        revocation,
         cert_headers,
         routes,
         http: HttpPlan {
@@ -555,4 +562,11 @@ fn offload(
             handshake_timeout: l.handshake_timeout.0,
         },
     })
+}
+
+/// What TLS settings may refer to besides files next to the config.
+pub struct Env<'a> {
+    pub base: &'a Path,
+    pub data_dir: &'a Path,
+    pub modules: &'a [ModulePlan],
 }

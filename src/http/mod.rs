@@ -163,6 +163,7 @@ impl OffloadMetrics {
 /// Everything an offload listener needs, rebuilt on reload.
 pub struct Offload {
     pub tls: Arc<rustls::ServerConfig>,
+    pub revocation: Option<crate::tls::revocation::RevocationList>,
     pub http: HttpPlan,
     pub cert_headers: headers::CertHeaders,
     pub routes: Vec<RouteRuntime>,

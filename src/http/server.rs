@@ -40,8 +40,18 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
             return;
         }
     };
-    m.handshake_ok.inc();
     let (_, session) = tls.get_ref();
+    // A resumed session restores the client certificate without running
+    // the verifier, so a device revoked since then is caught here.
+    if let Some(list) = &offload.revocation {
+        if let Err(e) = list.check_peer(session.peer_certificates()) {
+            m.certs_rejected.inc();
+            m.handshake_failed.inc();
+            tracing::info!(listener, %peer, "client certificate refused after handshake: {e}");
+            return;
+        }
+    }
+    m.handshake_ok.inc();
     let client_cert = session
         .peer_certificates()
         .and_then(|chain| chain.first())

@@ -73,6 +73,23 @@ pub type Factory = Arc<
         + Sync,
 >;
 
+/// The revocation list of the module called `name`, shared by the module
+/// (which revokes devices) and every offload listener whose `client_ca`
+/// is that module's CA (which refuses them, on full and resumed
+/// handshakes). The same name always gives the same list.
+pub fn revocations(name: &str) -> crate::tls::revocation::RevocationList {
+    use std::sync::{Mutex, OnceLock};
+    static LISTS: OnceLock<Mutex<BTreeMap<String, crate::tls::revocation::RevocationList>>> =
+        OnceLock::new();
+    LISTS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(name.to_string())
+        .or_default()
+        .clone()
+}
+
 /// Module kinds by name. `fleetgate run` registers the built-in ones; a
 /// program embedding fleetgate can register its own.
 #[derive(Clone, Default)]

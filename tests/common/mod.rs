@@ -2,6 +2,7 @@
 //! and small real backends (TCP servers) for it to balance over.
 #![allow(dead_code)]
 
+pub mod devices;
 pub mod pki;
 pub mod web;
 

@@ -92,6 +92,7 @@ pub async fn websocket_backend() -> SocketAddr {
             };
             tokio::spawn(async move {
                 let mut seen = BTreeMap::new();
+                #[allow(clippy::result_large_err)] // the signature tungstenite asks for
                 let cb = |req: &WsReq, resp: WsResp| {
                     for (k, v) in req.headers() {
                         seen.insert(

@@ -1,0 +1,86 @@
+//! The `devices` module: enrolment with a device CA, heartbeats, layered
+//! settings, a command channel over WebSocket, and an admin API, for the
+//! devices behind an offload listener. The device API is documented in
+//! docs/devices-api.md.
+//!
+//! ```toml
+//! [module.devices]
+//! kind = "devices"
+//! store = { kind = "sqlite" }        # or { kind = "postgres", url = "postgres://..." }
+//! heartbeat_interval = "5m"
+//! heartbeat_jitter = "10m"
+//! ```
+//!
+//! Route `/api/v1/` of an offload listener to it (`module = "devices"`)
+//! with `client_auth = "optional"` and `client_ca = "<data_dir>/devices/device-ca.pem"`.
+
+pub mod admin;
+pub mod api;
+pub mod ca;
+pub mod commands;
+pub mod config;
+pub mod enrol;
+mod files;
+pub mod heartbeat;
+pub mod http;
+pub mod hub;
+pub mod model;
+pub mod service;
+pub mod settings;
+pub mod store;
+pub mod ws;
+
+use std::sync::Arc;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use crate::module::{Body, BoxFuture, Factory, Module, RequestContext};
+use crate::tls::revocation::RevocationList;
+pub use service::Devices;
+
+/// The module object the runtime holds.
+pub struct DevicesModule {
+    devices: Arc<Devices>,
+}
+
+impl DevicesModule {
+    pub fn devices(&self) -> &Arc<Devices> {
+        &self.devices
+    }
+}
+
+impl Module for DevicesModule {
+    fn handle(&self, req: Request<Incoming>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>> {
+        Box::pin(api::handle(self.devices.clone(), req, ctx))
+    }
+
+    fn admin(&self, req: Request<Incoming>) -> Option<BoxFuture<'_, Response<Body>>> {
+        Some(Box::pin(admin::handle(self.devices.clone(), req)))
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(self.devices.shutdown())
+    }
+}
+
+/// The factory for `kind = "devices"`.
+pub fn factory() -> Factory {
+    factory_with_revocations(RevocationList::new())
+}
+
+/// Like `factory`, keeping `revocations` up to date with the devices that
+/// are revoked, so that an offload listener verifying client certificates
+/// with the same list refuses them at the handshake.
+pub fn factory_with_revocations(revocations: RevocationList) -> Factory {
+    Arc::new(move |value, env| {
+        let revocations = revocations.clone();
+        let value = value.clone();
+        let env = env.clone();
+        Box::pin(async move {
+            let config = config::DevicesConfig::parse(&value)?;
+            let devices = Devices::start(&env.name, config, &env.data_dir, revocations).await?;
+            Ok(Arc::new(DevicesModule { devices }) as Arc<dyn Module>)
+        })
+    })
+}

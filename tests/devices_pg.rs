@@ -1,0 +1,112 @@
+//! Two balancers sharing one PostgreSQL fleet: a command queued on one
+//! reaches a device whose channel is held by the other (LISTEN/NOTIFY),
+//! and a revocation on one is enforced by the other at once.
+//!
+//! Needs `FLEETGATE_TEST_PG_URL` (see .ci/pg-setup.sh); skipped without it,
+//! except in CI (`CI=true`), where a missing URL fails.
+
+mod common;
+
+use std::time::Duration;
+
+use common::devices::DevicesLb;
+use serde_json::json;
+
+fn pg_url() -> Option<String> {
+    match std::env::var("FLEETGATE_TEST_PG_URL") {
+        Ok(u) if !u.is_empty() => Some(u),
+        _ if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but FLEETGATE_TEST_PG_URL is not set: run .ci/pg-setup.sh first")
+        }
+        _ => {
+            eprintln!("FLEETGATE_TEST_PG_URL not set: skipping");
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_balancers_one_fleet() {
+    let Some(url) = pg_url() else { return };
+    let store = format!("store = {{ kind = \"postgres\", url = \"{url}\" }}");
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = DevicesLb::start(dir_a.path(), &store).await;
+    // Both balancers must trust (and sign with) one device CA.
+    let (ca_a, ca_b) = (
+        dir_a.path().join("data/devices"),
+        dir_b.path().join("data/devices"),
+    );
+    std::fs::create_dir_all(&ca_b).unwrap();
+    for f in ["device-ca.pem", "device-ca.key"] {
+        std::fs::copy(ca_a.join(f), ca_b.join(f)).unwrap();
+    }
+    let b = DevicesLb::start(dir_b.path(), &store).await;
+
+    // Enrolled through A, known to B.
+    let device = a.enrol("shared-kiosk").await;
+    let (s, me) = b.call(Some(&device), "GET", "/api/v1/device", None).await;
+    assert_eq!(s, 200, "{me}");
+
+    // Channel on B, command queued on A.
+    let mut ch = b.channel(&device).await;
+    // The channel task records itself just after the handshake.
+    let node_b = dir_b
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, d) = a
+            .admin("GET", &format!("devices/{}", device.id), None)
+            .await;
+        if d["channel_node"] == node_b.as_str() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "channel_node never became B: {d}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, cmd) = a
+        .admin(
+            "POST",
+            &format!("devices/{}/commands", device.id),
+            Some(&json!({"kind": "message", "payload": {"text": "via A"}})),
+        )
+        .await;
+    assert_eq!(s, 201, "{cmd}");
+    let got = ch
+        .next(Duration::from_secs(10))
+        .await
+        .expect("pushed through B");
+    assert_eq!(got["id"], cmd["id"]);
+    ch.send(json!({"type": "ack", "id": got["id"], "status": "ok"}))
+        .await;
+    assert_eq!(
+        ch.next(Duration::from_secs(10)).await.unwrap()["type"],
+        "acked"
+    );
+    let (_, history) = a
+        .admin("GET", &format!("devices/{}/commands", device.id), None)
+        .await;
+    assert_eq!(history["commands"][0]["status"], "ok");
+
+    // Revoked on A: B closes the channel and refuses the certificate.
+    assert_eq!(
+        a.admin("POST", &format!("devices/{}/revoke", device.id), None)
+            .await
+            .0,
+        200
+    );
+    assert!(
+        ch.next(Duration::from_secs(10)).await.is_none(),
+        "B closed the channel"
+    );
+    let (s, _) = b
+        .call(Some(&device), "POST", "/api/v1/heartbeat", None)
+        .await;
+    assert_eq!(s, 403);
+}
