@@ -66,7 +66,14 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from(rt.metrics.render())))
             .expect("static response"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (_, "/metrics" | "/healthz") => {
+        (&Method::GET, "/status") => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(
+                serde_json::to_vec_pretty(&crate::status::document(rt))
+                    .expect("JSON of plain values"),
+            )))
+            .expect("static response"),
+        (_, "/metrics" | "/healthz" | "/status") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

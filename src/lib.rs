@@ -18,4 +18,5 @@ pub mod module;
 pub mod passthrough;
 pub mod proxy;
 pub mod runtime;
+pub mod status;
 pub mod tls;

@@ -32,6 +32,28 @@ enum Command {
         #[arg(short, long, default_value = "conf/fleetgate.toml")]
         config: PathBuf,
     },
+    /// Announce local servers by heartbeat (the sidecar next to a
+    /// management server that cannot speak the protocol itself).
+    Agent {
+        #[arg(short, long, default_value = "conf/agent.toml")]
+        config: PathBuf,
+    },
+    /// Network tokens for discovery.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Write a fresh random 32-byte token to FILE (mode 0600).
+    Generate {
+        file: PathBuf,
+        /// Replace an existing file.
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +68,33 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Token {
+            command: TokenCommand::Generate { file, force },
+        } => match fleetgate::discovery::token::generate(&file, force) {
+            Ok(t) => {
+                println!("wrote {} (fingerprint {})", file.display(), t.fingerprint());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("fleetgate: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Agent { config } => {
+            logging::init("info");
+            let result = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(anyhow::Error::from)
+                .and_then(|rt| rt.block_on(fleetgate::discovery::agent::run_agent(&config)));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fleetgate agent: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub http_request_seconds: HistogramVec,
     pub http_errors: IntCounterVec,
     pub upgraded_active: IntGaugeVec,
+    pub heartbeats_accepted: prometheus::IntCounter,
+    pub heartbeats_rejected: IntCounterVec,
+    pub discovery_nodes: IntGaugeVec,
+    pub discovery_heartbeat_age: prometheus::GaugeVec,
 }
 
 /// Reasons a connection is closed before it reaches a backend.
@@ -83,7 +87,38 @@ impl Metrics {
         .expect("metric definition");
         r.register(Box::new(request_seconds.clone()))
             .expect("metric registration");
+        let accepted = prometheus::IntCounter::new(
+            "discovery_heartbeats_total",
+            "Heartbeats that verified and were applied to the registry.",
+        )
+        .expect("metric definition");
+        r.register(Box::new(accepted.clone()))
+            .expect("metric registration");
+        let age = prometheus::GaugeVec::new(
+            Opts::new(
+                "discovery_last_heartbeat_age_seconds",
+                "Seconds since a node's last valid heartbeat.",
+            ),
+            &["node"],
+        )
+        .expect("metric definition");
+        r.register(Box::new(age.clone()))
+            .expect("metric registration");
         Metrics {
+            heartbeats_accepted: accepted,
+            discovery_heartbeat_age: age,
+            heartbeats_rejected: counter(
+                &r,
+                "discovery_heartbeats_rejected_total",
+                "Heartbeats refused, by reason (malformed, bad_mac, replay, stale, other_cluster, ...).",
+                &["reason"],
+            ),
+            discovery_nodes: gauge(
+                &r,
+                "discovery_nodes",
+                "Nodes known by discovery, by announced state.",
+                &["state"],
+            ),
             tls_handshakes: counter(
                 &r,
                 "tls_handshakes_total",

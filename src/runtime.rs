@@ -15,6 +15,7 @@ use tokio::task::JoinHandle;
 
 use crate::balance::{health, Pool};
 use crate::config::{self, ListenerMode, ListenerPlan, Plan, Target};
+use crate::discovery::{Discovery, DiscoveryOptions};
 use crate::http::upstream::Upstream;
 use crate::http::{Offload, OffloadMetrics, RouteRuntime, TargetRuntime};
 use crate::listener::{self, ListenerMetrics, ListenerShared, ModeRuntime};
@@ -86,8 +87,10 @@ pub struct Runtime {
     /// In-process modules by name: built once at start, kept across
     /// reloads (their state outlives any one configuration).
     pub modules: HashMap<String, Arc<dyn Module>>,
+    /// Heartbeat receiver and registry, when `[discovery]` is configured.
+    pub discovery: Option<Discovery>,
     applied: Mutex<Applied>,
-    watcher: JoinHandle<()>,
+    background: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Runtime {
@@ -119,6 +122,22 @@ impl Runtime {
             tracing::info!(module = %m.name, kind = %m.kind, "module started");
             modules.insert(m.name.clone(), module);
         }
+        let discovery = match &plan.discovery {
+            None => None,
+            Some(d) => {
+                let mut opts = DiscoveryOptions::new(d.bind, d.cluster.clone(), d.token.clone());
+                opts.interval = d.interval;
+                opts.miss_limit = d.miss_limit;
+                opts.multicast = d.multicast;
+                opts.max_clock_skew = d.max_clock_skew;
+                opts.rejected = Some(metrics.heartbeats_rejected.clone());
+                opts.accepted = Some(metrics.heartbeats_accepted.clone());
+                let started = Discovery::start(opts)
+                    .await
+                    .with_context(|| format!("discovery: cannot listen on {}", d.bind))?;
+                Some(started)
+            }
+        };
         let tracker = Arc::new(ConnectionTracker::default());
         let applied = Mutex::new(Applied {
             plan: Arc::new(plan.clone()),
@@ -130,17 +149,19 @@ impl Runtime {
             metrics,
             tracker,
             modules,
+            discovery,
             applied,
-            watcher: tokio::spawn(std::future::pending()),
+            background: Mutex::new(Vec::new()),
         });
         rt.apply(plan)?;
-        let watcher = tokio::spawn(watch_backends(Arc::downgrade(&rt)));
-        // Replace the placeholder; the runtime is not shared yet.
-        let mut rt = rt;
-        if let Some(inner) = Arc::get_mut(&mut rt) {
-            inner.watcher.abort();
-            inner.watcher = watcher;
+        let mut tasks = vec![tokio::spawn(watch_backends(Arc::downgrade(&rt)))];
+        if let Some(d) = &rt.discovery {
+            tasks.push(tokio::spawn(follow_registry(
+                Arc::downgrade(&rt),
+                d.registry().subscribe(),
+            )));
         }
+        rt.background.lock().unwrap().extend(tasks);
         Ok(rt)
     }
 
@@ -186,7 +207,14 @@ impl Runtime {
             .iter()
             .map(|p| {
                 let old = applied.pools.get(&p.name).map(|a| a.as_ref());
-                (p.name.clone(), Arc::new(Pool::build(p, old, &self.metrics)))
+                let discovered = match (&p.discovery_service, &self.discovery) {
+                    (Some(service), Some(d)) => d.registry().endpoints(service),
+                    _ => Vec::new(),
+                };
+                (
+                    p.name.clone(),
+                    Arc::new(Pool::build(p, old, &self.metrics, &discovered)),
+                )
             })
             .collect();
 
@@ -352,7 +380,21 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.watcher.abort();
+        for t in self.background.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// Rebuild the pools whenever the registry's membership or states change
+/// (not on every heartbeat: the version moves only on a change).
+async fn follow_registry(rt: std::sync::Weak<Runtime>, mut changes: watch::Receiver<u64>) {
+    while changes.changed().await.is_ok() {
+        let Some(rt) = rt.upgrade() else { return };
+        let plan = (*rt.plan()).clone();
+        if let Err(e) = rt.apply(plan) {
+            tracing::error!("applying discovered backends failed: {e:#}");
+        }
     }
 }
 
@@ -360,6 +402,7 @@ impl Drop for Runtime {
 /// `backend_up` gauges and log transitions a few times per second.
 async fn watch_backends(rt: std::sync::Weak<Runtime>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut known_nodes: HashSet<String> = HashSet::new();
     loop {
         tick.tick().await;
         let Some(rt) = rt.upgrade() else { return };
@@ -368,7 +411,44 @@ async fn watch_backends(rt: std::sync::Weak<Runtime>) {
                 m.backend.refresh();
             }
         }
+        if let Some(d) = &rt.discovery {
+            known_nodes = discovery_gauges(&rt.metrics, d, known_nodes);
+        }
     }
+}
+
+/// Nodes by state and the age of each node's last heartbeat; series of
+/// nodes that are gone are removed.
+fn discovery_gauges(m: &Metrics, d: &Discovery, before: HashSet<String>) -> HashSet<String> {
+    use crate::discovery::NodeState;
+    let snap = d.registry().snapshot();
+    let mut counts = [0i64; 4];
+    let mut now_known = HashSet::new();
+    for node in snap.nodes.iter() {
+        let i = match node.state {
+            NodeState::Normal => 0,
+            NodeState::Draining => 1,
+            NodeState::Update => 2,
+            NodeState::Leaving => 3,
+        };
+        counts[i] += 1;
+        m.discovery_heartbeat_age
+            .with_label_values(&[node.id.as_str()])
+            .set(node.last_heard.elapsed().as_secs_f64());
+        now_known.insert(node.id.clone());
+    }
+    for (state, n) in ["normal", "draining", "update", "leaving"]
+        .iter()
+        .zip(counts)
+    {
+        m.discovery_nodes.with_label_values(&[state]).set(n);
+    }
+    for gone in before.difference(&now_known) {
+        let _ = m
+            .discovery_heartbeat_age
+            .remove_label_values(&[gone.as_str()]);
+    }
+    now_known
 }
 
 /// Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain.

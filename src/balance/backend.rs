@@ -93,6 +93,18 @@ impl Backend {
         self.check_up.load(Ordering::Relaxed) && self.down_until_ms.load(Ordering::Relaxed) <= now
     }
 
+    /// `up`, or why the backend is out: for operators reading /status.
+    pub fn state_label(&self) -> &'static str {
+        let now = now_ms();
+        if !self.check_up.load(Ordering::Relaxed) {
+            "down: health check"
+        } else if self.down_until_ms.load(Ordering::Relaxed) > now {
+            "down: connect failures"
+        } else {
+            "up"
+        }
+    }
+
     pub fn active(&self) -> u32 {
         self.active.load(Ordering::Relaxed)
     }

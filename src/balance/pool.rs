@@ -10,12 +10,15 @@ use std::sync::Arc;
 use super::algorithm::{rendezvous_score, smooth_schedule};
 use super::backend::{now_ms, Backend, PassivePolicy};
 use crate::config::{Algorithm, PoolPlan};
+use crate::discovery::{Endpoint, NodeState};
 use crate::metrics::Metrics;
 
 pub struct Member {
     pub backend: Arc<Backend>,
     pub weight: u32,
     pub backup: bool,
+    /// The announcing node, for backends learned by discovery.
+    pub node: Option<(String, NodeState)>,
 }
 
 /// Primaries, or the backups used while no primary is up.
@@ -52,7 +55,19 @@ pub struct Pool {
 impl Pool {
     /// Build a pool, reusing backends (and so their health state and
     /// connection counts) from `previous` where the address matches.
-    pub fn build(plan: &PoolPlan, previous: Option<&Pool>, metrics: &Metrics) -> Pool {
+    ///
+    /// `discovered` are the endpoints announcing the pool's service: a
+    /// `normal` node is a primary, an `update` node is used only while no
+    /// primary is up (during a rolling upgrade all but one server are in
+    /// update mode at once), and a `draining` node takes no new
+    /// connections — it is left out, while its established connections
+    /// keep the backend they hold.
+    pub fn build(
+        plan: &PoolPlan,
+        previous: Option<&Pool>,
+        metrics: &Metrics,
+        discovered: &[Endpoint],
+    ) -> Pool {
         let old: HashMap<_, _> = previous
             .map(|p| {
                 p.members
@@ -61,18 +76,37 @@ impl Pool {
                     .collect()
             })
             .unwrap_or_default();
-        let members: Vec<Member> = plan
+        let backend = |addr| {
+            old.get(&addr)
+                .cloned()
+                .unwrap_or_else(|| Arc::new(Backend::new(metrics, &plan.name, addr)))
+        };
+        let mut members: Vec<Member> = plan
             .backends
             .iter()
             .map(|b| Member {
-                backend: old
-                    .get(&b.addr)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Backend::new(metrics, &plan.name, b.addr))),
+                backend: backend(b.addr),
                 weight: b.weight,
                 backup: b.backup,
+                node: None,
             })
             .collect();
+        for e in discovered {
+            let backup = match e.state {
+                NodeState::Normal => false,
+                NodeState::Update => true,
+                NodeState::Draining | NodeState::Leaving => continue,
+            };
+            if members.iter().any(|m| m.backend.addr == e.addr) {
+                continue;
+            }
+            members.push(Member {
+                backend: backend(e.addr),
+                weight: u32::from(e.weight).clamp(1, crate::config::validate::MAX_WEIGHT),
+                backup,
+                node: Some((e.node.clone(), e.state)),
+            });
+        }
         if plan.health_check.is_none() {
             // Probes are gone: their last verdict must not keep a backend out.
             for m in &members {

@@ -23,6 +23,32 @@ pub struct Plan {
     pub pools: Vec<PoolPlan>,
     pub data_dir: PathBuf,
     pub modules: Vec<ModulePlan>,
+    pub discovery: Option<DiscoveryPlan>,
+}
+
+#[derive(Debug, Clone)]
+pub struct DiscoveryPlan {
+    pub bind: SocketAddr,
+    pub cluster: String,
+    pub token: crate::discovery::Token,
+    pub token_file: PathBuf,
+    pub interval: Duration,
+    pub miss_limit: u32,
+    pub multicast: Option<std::net::Ipv4Addr>,
+    pub max_clock_skew: Duration,
+}
+
+impl DiscoveryPlan {
+    /// Whether running with `other` would need a new receiver (a restart).
+    pub fn same_receiver(&self, other: &DiscoveryPlan) -> bool {
+        self.bind == other.bind
+            && self.cluster == other.cluster
+            && self.token.fingerprint() == other.token.fingerprint()
+            && self.interval == other.interval
+            && self.miss_limit == other.miss_limit
+            && self.multicast == other.multicast
+            && self.max_clock_skew == other.max_clock_skew
+    }
 }
 
 /// An in-process module: built once at start from its own TOML table.
@@ -155,6 +181,8 @@ pub struct PoolPlan {
     pub health_check: Option<HealthPlan>,
     /// Re-encryption settings for HTTP upstream connections.
     pub tls: Option<UpstreamTls>,
+    /// Service whose announcing nodes join this pool.
+    pub discovery_service: Option<String>,
 }
 
 impl std::fmt::Debug for PoolPlan {

@@ -20,6 +20,36 @@ pub struct File {
     /// `kind` (default: NAME) selects the implementation.
     #[serde(default)]
     pub module: std::collections::BTreeMap<String, toml::Value>,
+    /// Learn backends from signed UDP heartbeats.
+    #[serde(default)]
+    pub discovery: Option<Discovery>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Discovery {
+    #[serde(default = "default_discovery_bind")]
+    pub bind: String,
+    pub cluster: String,
+    /// The shared network token (`fleetgate token generate FILE`).
+    pub token_file: String,
+    #[serde(default = "default_discovery_interval")]
+    pub interval: ConfigDuration,
+    #[serde(default = "default_miss_limit")]
+    pub miss_limit: u32,
+    /// IPv4 multicast group to join (for networks without broadcast).
+    #[serde(default)]
+    pub multicast: Option<String>,
+    /// Heartbeats whose sent-at time is further off are refused.
+    #[serde(default = "default_max_clock_skew")]
+    pub max_clock_skew: ConfigDuration,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolDiscovery {
+    /// The service name nodes announce.
+    pub service: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -285,6 +315,9 @@ pub struct Pool {
     /// Re-encrypt to the backends (offload listeners).
     #[serde(default)]
     pub tls: Option<PoolTls>,
+    /// Add the nodes that announce this service by heartbeat.
+    #[serde(default)]
+    pub discovery: Option<PoolDiscovery>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,4 +455,16 @@ fn default_alpn() -> Vec<String> {
 }
 fn default_data_dir() -> String {
     "data".into()
+}
+fn default_discovery_bind() -> String {
+    "0.0.0.0:6155".into()
+}
+fn default_discovery_interval() -> ConfigDuration {
+    ConfigDuration::from_secs(1)
+}
+fn default_miss_limit() -> u32 {
+    3
+}
+fn default_max_clock_skew() -> ConfigDuration {
+    ConfigDuration::from_secs(60)
 }

@@ -20,9 +20,19 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
     let admin_bind = parse_addr(&file.admin.bind, key_path!["admin", "bind"])?;
     check_log_level(&file.global.log_level)?;
 
+    let discovery = match &file.discovery {
+        None => None,
+        Some(d) => Some(discovery(d, base)?),
+    };
     let mut pools = Vec::new();
     let mut pool_names = HashSet::new();
     for (i, p) in file.pools.into_iter().enumerate() {
+        if p.discovery.is_some() && discovery.is_none() {
+            return Err(SemanticError::new(
+                key_path!["pool", i, "discovery"],
+                "a pool with `discovery` needs a [discovery] table",
+            ));
+        }
         if !pool_names.insert(p.name.clone()) {
             return Err(SemanticError::new(
                 key_path!["pool", i, "name"],
@@ -143,14 +153,18 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         pools,
         data_dir: data_dir.clone(),
         modules: modules.clone(),
+        discovery,
     })
 }
 
 fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticError> {
-    if p.backends.is_empty() {
+    if p.backends.is_empty() && p.discovery.is_none() {
         return Err(SemanticError::new(
             key_path!["pool", i, "backends"],
-            format!("pool {:?} has no backends", p.name),
+            format!(
+                "pool {:?} has no backends (list `backends`, or learn them with `discovery`)",
+                p.name
+            ),
         ));
     }
     let mut seen = HashSet::new();
@@ -200,6 +214,7 @@ fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticErro
     };
     Ok(PoolPlan {
         tls,
+        discovery_service: p.discovery.map(|d| d.service),
         name: p.name,
         algorithm: p.algorithm,
         backends,
@@ -569,4 +584,52 @@ pub struct Env<'a> {
     pub base: &'a Path,
     pub data_dir: &'a Path,
     pub modules: &'a [ModulePlan],
+}
+
+fn discovery(d: &schema::Discovery, base: &Path) -> Result<DiscoveryPlan, SemanticError> {
+    let at = |k: &str| key_path!["discovery", k];
+    let bind = parse_addr(&d.bind, at("bind"))?;
+    let token_file = base.join(&d.token_file);
+    let token = crate::discovery::token::load(&token_file)
+        .map_err(|e| SemanticError::new(at("token_file"), e.to_string()))?;
+    if d.interval.0.is_zero() {
+        return Err(SemanticError::new(
+            at("interval"),
+            "interval must be greater than zero",
+        ));
+    }
+    if d.miss_limit == 0 {
+        return Err(SemanticError::new(
+            at("miss_limit"),
+            "miss_limit must be at least 1",
+        ));
+    }
+    let multicast = match &d.multicast {
+        None => None,
+        Some(m) => match m.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) if ip.is_multicast() => Some(ip),
+            _ => {
+                return Err(SemanticError::new(
+                    at("multicast"),
+                    format!("{m:?} is not an IPv4 multicast group (224.0.0.0/4)"),
+                ))
+            }
+        },
+    };
+    if d.cluster.is_empty() || d.cluster.len() > 64 {
+        return Err(SemanticError::new(
+            at("cluster"),
+            "cluster must be 1 to 64 bytes",
+        ));
+    }
+    Ok(DiscoveryPlan {
+        bind,
+        cluster: d.cluster.clone(),
+        token,
+        token_file,
+        interval: d.interval.0,
+        miss_limit: d.miss_limit,
+        multicast,
+        max_clock_skew: d.max_clock_skew.0,
+    })
 }
