@@ -9,13 +9,37 @@ use crate::balance::backend::now_ms;
 
 /// `RUST_LOG` wins over the configured level, as operators expect.
 pub fn init(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+    let _ = set_level(level);
+}
+
+type Handle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::Registry>;
+
+static LEVEL: std::sync::OnceLock<Handle> = std::sync::OnceLock::new();
+
+/// Install the subscriber on first use, then change its level: logging
+/// starts before the configuration is read (so loading it can log, e.g.
+/// a generated certificate's fingerprint) and follows `global.log_level`
+/// on start and on reload. `RUST_LOG`, when set, always wins.
+pub fn set_level(level: &str) -> Result<(), String> {
+    use tracing_subscriber::prelude::*;
+    let from_env = std::env::var_os("RUST_LOG").is_some();
+    let wanted = || {
+        EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new(level))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    };
+    let handle = LEVEL.get_or_init(|| {
+        let (layer, handle) = tracing_subscriber::reload::Layer::new(wanted());
+        let _ = tracing_subscriber::registry()
+            .with(layer)
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            .try_init();
+        handle
+    });
+    if from_env {
+        return Ok(());
+    }
+    handle.modify(|f| *f = wanted()).map_err(|e| e.to_string())
 }
 
 /// Lets one log line through per period and counts the ones held back, so

@@ -106,6 +106,7 @@ fn main() -> ExitCode {
 }
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
+    logging::init("info");
     let plan = config::load(&path)?;
     logging::init(&plan.log_level);
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -461,7 +461,12 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>) -> anyhow::Result<()> {
     loop {
         tokio::select! {
             _ = hup.recv() => match rt.reload() {
-                Ok(()) => tracing::info!("configuration reloaded"),
+                Ok(()) => {
+                    if let Err(e) = crate::logging::set_level(&rt.plan().log_level) {
+                        tracing::warn!("log level not changed: {e}");
+                    }
+                    tracing::info!("configuration reloaded")
+                }
                 Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
             },
             _ = term.recv() => break,

@@ -138,6 +138,14 @@ fn module_ca(name: &str, env: &Env) -> Result<(std::path::PathBuf, RevocationLis
         ));
     }
     let dir = env.data_dir.join(name);
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    }
     crate::module::devices::ca::DeviceCa::load_or_create(&dir, name)
         .map_err(|e| format!("{e:#}"))?;
     Ok((
