@@ -114,11 +114,12 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         builder.worker_threads(plan.worker_threads);
     }
     builder.enable_all().build()?.block_on(async move {
+        let signals = runtime::Signals::install()?;
         let metrics = Arc::new(Metrics::new());
         let admin_listener = admin::bind(plan.admin_bind).await?;
         let rt = runtime::Runtime::start(plan, metrics).await?;
         tracing::info!(config = %path.display(), admin = %admin_listener.local_addr()?, "fleetgate started");
         tokio::spawn(admin::serve(admin_listener, rt.clone()));
-        runtime::serve_until_signalled(rt).await
+        runtime::serve_until_signalled(rt, signals).await
     })
 }

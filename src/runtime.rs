@@ -451,13 +451,36 @@ fn discovery_gauges(m: &Metrics, d: &Discovery, before: HashSet<String>) -> Hash
     now_known
 }
 
+/// The signals fleetgate acts on, installed before anything can answer a
+/// readiness probe: a SIGHUP that arrived earlier would otherwise end the
+/// process (its default action) instead of reloading.
+#[cfg(unix)]
+pub struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+#[cfg(unix)]
+impl Signals {
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            hup: signal(SignalKind::hangup())?,
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 /// Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain.
 #[cfg(unix)]
-pub async fn serve_until_signalled(rt: Arc<Runtime>) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
+pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow::Result<()> {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     loop {
         tokio::select! {
             _ = hup.recv() => match rt.reload() {

@@ -40,6 +40,12 @@ where
         tried.push(index);
         match attempt(index).await {
             Ok(v) => return Ok((index, v)),
+            Err(why) if why.starts_with(LOCAL) => {
+                // Out of descriptors or memory here: not the backend's
+                // fault, and every other backend would fail the same way.
+                tracing::debug!(pool = %pool.name(), "attempt failed locally: {why}");
+                return Err(Unreachable::AllFailed);
+            }
             Err(why) => {
                 let backend = &pool.members[index].backend;
                 tracing::debug!(pool = %pool.name(), backend = %backend.addr, "attempt failed: {why}");
@@ -68,10 +74,22 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
                 .observe(started.elapsed().as_secs_f64());
             Ok(stream)
         }
+        Ok(Err(e)) if is_local_exhaustion(&e) => Err(format!("{LOCAL}connect: {e}")),
         Ok(Err(e)) => Err(format!("connect: {e}")),
         Err(_) => Err(format!(
             "connect timed out after {:?}",
             pool.plan.connect_timeout
         )),
     }
+}
+
+/// Prefix of an attempt error that is the balancer's own (no descriptor
+/// or memory for a socket), which must not count against the backend.
+pub const LOCAL: &str = "local: ";
+
+fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
+    )
 }

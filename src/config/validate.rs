@@ -143,6 +143,12 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         });
     }
 
+    if listeners.is_empty() {
+        return Err(SemanticError::new(
+            Vec::new(),
+            "no [[listener]]: a balancer without listeners serves nothing",
+        ));
+    }
     Ok(Plan {
         source: source.to_path_buf(),
         log_level: file.global.log_level.clone(),

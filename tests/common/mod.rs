@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod devices;
+pub mod discovery;
 pub mod pki;
 pub mod web;
 
@@ -148,10 +149,27 @@ impl Drop for Balancer {
     }
 }
 
+/// The value of `series` (`name{a="x",b="y"}`, labels in any order) in a
+/// Prometheus text exposition; 0 when the series has not appeared yet.
 pub fn metric_value(text: &str, series: &str) -> f64 {
+    let key = |s: &str| -> (String, Vec<String>) {
+        let (name, labels) = s.split_once('{').unwrap_or((s, ""));
+        let mut l: Vec<String> = labels
+            .trim_end_matches('}')
+            .split("\",")
+            .filter(|x| !x.is_empty())
+            .map(|x| x.trim_end_matches('"').to_string())
+            .collect();
+        l.sort();
+        (name.to_string(), l)
+    };
+    let want = key(series);
     text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|r| r.strip_prefix(' ')))
-        .map(|v| v.trim().parse().unwrap())
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (s, v) = l.rsplit_once(' ')?;
+            (key(s) == want).then(|| v.trim().parse().unwrap())
+        })
         .unwrap_or(0.0)
 }
 
