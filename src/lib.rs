@@ -18,5 +18,6 @@ pub mod module;
 pub mod passthrough;
 pub mod proxy;
 pub mod runtime;
+pub mod simulate;
 pub mod status;
 pub mod tls;

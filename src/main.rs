@@ -38,6 +38,9 @@ enum Command {
         #[arg(short, long, default_value = "conf/agent.toml")]
         config: PathBuf,
     },
+    /// Simulate a fleet of devices against the devices module (sizing
+    /// and measurement; loopback targets only, see docs/simulator.md).
+    Simulate(Box<fleetgate::simulate::Options>),
     /// Network tokens for discovery.
     Token {
         #[command(subcommand)]
@@ -95,6 +98,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Simulate(opts) => fleetgate::simulate::main(*opts),
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
