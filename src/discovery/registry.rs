@@ -163,7 +163,15 @@ struct Inner {
     nodes: BTreeMap<String, Arc<Node>>,
     marks: HashMap<String, Mark>,
     version: u64,
+    /// When the snapshot was last replaced without a material change.
+    last_refresh: Option<Instant>,
 }
+
+/// How stale the snapshot's last-heard and load figures may get. Copying
+/// the node list on every heartbeat would cost nodes² per interval; a
+/// material change (join, state, weight, address, services, removal) is
+/// always published at once.
+const REFRESH_EVERY: Duration = Duration::from_millis(200);
 
 pub struct Registry {
     cluster: String,
@@ -336,6 +344,15 @@ impl Registry {
     fn publish(&self, inner: &mut Inner, material: bool) {
         if material {
             inner.version += 1;
+        } else {
+            let now = Instant::now();
+            if inner
+                .last_refresh
+                .is_some_and(|t| now.saturating_duration_since(t) < REFRESH_EVERY)
+            {
+                return;
+            }
+            inner.last_refresh = Some(now);
         }
         self.snapshot.store(Arc::new(Snapshot {
             version: inner.version,
