@@ -171,7 +171,7 @@ struct Inner {
 /// the node list on every heartbeat would cost nodes² per interval; a
 /// material change (join, state, weight, address, services, removal) is
 /// always published at once.
-const REFRESH_EVERY: Duration = Duration::from_millis(200);
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
 pub struct Registry {
     cluster: String,
@@ -307,7 +307,10 @@ impl Registry {
             inner.nodes.insert(hb.node.clone(), Arc::new(node));
             result
         };
-        self.publish(inner, material);
+        // A restart is not material for pools, but readers (/status) must
+        // see the new boot at once.
+        let restarted = matches!(applied, Applied::Restarted);
+        self.publish_now(inner, material, restarted);
         Ok(applied)
     }
 
@@ -334,17 +337,17 @@ impl Registry {
             nodes.contains_key(id) || now.saturating_duration_since(m.accepted_at) <= keep
         });
         if !silent.is_empty() {
-            self.publish(inner, true);
+            self.publish_now(inner, true, false);
         }
         silent
     }
 
     /// Replace the snapshot; bump and announce the version if `material`.
     /// Called with the lock held so snapshots are published in order.
-    fn publish(&self, inner: &mut Inner, material: bool) {
+    fn publish_now(&self, inner: &mut Inner, material: bool, refresh: bool) {
         if material {
             inner.version += 1;
-        } else {
+        } else if !refresh {
             let now = Instant::now();
             if inner
                 .last_refresh
