@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the third-party tools the L4 benchmark (`cargo bench --bench l4`)
-# compares fleetgate against and drives the load with. Debian bookworm, as root.
+# Installs the third-party tools the L4 and TLS benchmarks
+# (`cargo bench --bench l4`, `cargo bench --bench tls`) compare fleetgate
+# against and drive the load with. Debian bookworm, as root.
 set -euo pipefail
 
 SUDO=""
@@ -11,7 +12,10 @@ $SUDO apt-get update
 # libnginx-mod-stream ships ngx_stream_module.so; nginx-light/core alone
 # would not be able to load a `stream {}` block.
 $SUDO apt-get install -y --no-install-recommends \
-    haproxy nginx libnginx-mod-stream wrk iperf3
+    haproxy nginx libnginx-mod-stream wrk iperf3 openssl
+# openssl: the TLS bench generates its certificates with it. The TLS load
+# with client certificates, without resumption and the idle connections come
+# from the bench's own rustls client; wrk does https (keep-alive, conn-close).
 
 # The Debian packages start system services bound to :80; the benchmark
 # runs its own private instances, so stop those to leave the host quiet.
@@ -23,4 +27,4 @@ else
 fi
 
 echo "benchmark tools installed:"
-for t in haproxy nginx wrk iperf3; do printf '  %-8s %s\n' "$t" "$(command -v "$t")"; done
+for t in haproxy nginx wrk iperf3 openssl; do printf '  %-8s %s\n' "$t" "$(command -v "$t")"; done

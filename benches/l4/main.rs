@@ -3,12 +3,28 @@
 //! iperf3 server on 127.0.0.1. Run with `cargo bench --bench l4`; see
 //! benches/README.md. It prints figures, it asserts nothing.
 
+// Shared with the TLS bench (benches/tls/); items only that bench uses are
+// dead code here.
+#[allow(dead_code)]
+#[path = "../common/config.rs"]
+mod config;
+#[allow(dead_code)]
+#[path = "../common/procs.rs"]
+mod procs;
+#[allow(dead_code)]
+#[path = "../common/table.rs"]
+mod table;
+#[allow(dead_code)]
+#[path = "../common/tools.rs"]
+mod tools;
+#[allow(dead_code)]
+#[path = "../common/wrk.rs"]
+mod wrk;
+
 mod load;
 mod measure;
-mod procs;
 mod report;
 mod targets;
-mod tools;
 
 use std::env;
 use std::path::PathBuf;
@@ -107,7 +123,7 @@ fn main() {
 
 fn run() -> Result<()> {
     let settings = Settings::from_env()?;
-    tools::check_installed()?;
+    tools::check_installed(&["haproxy", "nginx", "wrk", "iperf3"])?;
     let fleetgate_bin = fleetgate_bin();
     print_header(&settings, &fleetgate_bin);
 
@@ -163,7 +179,7 @@ fn print_header(settings: &Settings, fleetgate_bin: &std::path::Path) {
     for (name, value) in tools::machine() {
         println!("- {name}: {value}");
     }
-    for (name, value) in tools::versions(fleetgate_bin) {
+    for (name, value) in tools::versions(fleetgate_bin, &["wrk", "iperf3"]) {
         println!("- {name}: {value}");
     }
     let names: Vec<&str> = settings.targets.iter().map(|t| t.label()).collect();

@@ -2,13 +2,13 @@
 //! templates in benches/templates/ so all of them forward the same ports
 //! to the same backends.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
+use crate::config::{dir_str, nginx_command, write_config};
 use crate::procs::{free_port, wait_http_ok, wait_listening, Guard};
 use crate::tools::{path_of, NGINX_STREAM_MODULE};
 
@@ -202,43 +202,4 @@ fn proxy_command(
         }
         Target::Direct => bail!("direct has no proxy to start"),
     }
-}
-
-/// nginx with its prefix and early error log in our temp dir, so it never
-/// touches /etc/nginx or /var/log/nginx.
-fn nginx_command(dir: &Path, conf: &Path) -> Command {
-    let mut cmd = Command::new(path_of("nginx"));
-    cmd.arg("-p").arg(dir).arg("-c").arg(conf);
-    cmd.arg("-e").arg(dir.join("nginx-early.error.log"));
-    cmd
-}
-
-fn write_config(
-    dir: &Path,
-    file: &str,
-    template: &str,
-    vars: &[(&str, String)],
-) -> Result<PathBuf> {
-    let path = dir.join(file);
-    let text = render(template, vars).with_context(|| format!("rendering {file}"))?;
-    fs::write(&path, text)?;
-    Ok(path)
-}
-
-/// Replaces every `@NAME@` in `template`. None of the configs use '@'
-/// otherwise, so one left over means a variable was forgotten.
-fn render(template: &str, vars: &[(&str, String)]) -> Result<String> {
-    let mut text = template.to_string();
-    for (name, value) in vars {
-        text = text.replace(&format!("@{name}@"), value);
-    }
-    if let Some(pos) = text.find('@') {
-        let rest: String = text[pos..].chars().take(30).collect();
-        bail!("unfilled placeholder near {rest:?}");
-    }
-    Ok(text)
-}
-
-fn dir_str(dir: &Path) -> String {
-    dir.to_string_lossy().into_owned()
 }

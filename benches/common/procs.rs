@@ -259,3 +259,30 @@ pub fn rss_kib(pid: u32) -> Result<u64> {
         .context("malformed VmRSS line")?;
     Ok(kib.parse()?)
 }
+
+/// utime + stime of the calling thread in clock ticks: the CPU time of an
+/// in-process load client running on a current-thread runtime.
+pub fn thread_cpu_ticks() -> Result<u64> {
+    stat_fields_sum("/proc/thread-self/stat", 14, 15)
+}
+
+/// Raises this process's soft limit on open files to its hard limit and
+/// returns the new soft limit. Children started afterwards inherit it, so
+/// the proxies and servers get it too.
+pub fn raise_fd_limit() -> Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            bail!("getrlimit: {}", std::io::Error::last_os_error());
+        }
+        limit.rlim_cur = limit.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+            bail!("setrlimit: {}", std::io::Error::last_os_error());
+        }
+    }
+    Ok(limit.rlim_cur)
+}

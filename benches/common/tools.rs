@@ -11,12 +11,10 @@ use crate::procs::command_text;
 /// Where Debian's libnginx-mod-stream puts the module.
 pub const NGINX_STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
 
-const TOOLS: [&str; 4] = ["haproxy", "nginx", "wrk", "iperf3"];
-
-/// Fails with an install hint when a tool or the nginx stream module is
-/// missing, before anything is started.
-pub fn check_installed() -> Result<()> {
-    let mut missing: Vec<String> = TOOLS
+/// Fails with an install hint when one of `tools` or the nginx stream
+/// module is missing, before anything is started.
+pub fn check_installed(tools: &[&str]) -> Result<()> {
+    let mut missing: Vec<String> = tools
         .iter()
         .filter(|tool| find_in_path(tool).is_none())
         .map(|tool| tool.to_string())
@@ -48,19 +46,20 @@ pub fn path_of(tool: &str) -> PathBuf {
     find_in_path(tool).unwrap_or_else(|| PathBuf::from(tool))
 }
 
-/// One line per tool, e.g. "HAProxy version 2.6.12 ...".
-pub fn versions(fleetgate: &Path) -> Vec<(String, String)> {
+/// One line per tool, e.g. "HAProxy version 2.6.12 ..."; `tools` are the
+/// load generators (anything answering `-v`) besides haproxy and nginx.
+pub fn versions(fleetgate: &Path, tools: &[&str]) -> Vec<(String, String)> {
     let first_line = |text: String| text.lines().next().unwrap_or("").to_string();
     let run = |tool: &str, args: &[&str]| {
         first_line(command_text(&path_of(tool).to_string_lossy(), args))
     };
-    vec![
+    let mut lines = vec![
         ("fleetgate".into(), fleetgate_version(fleetgate)),
         ("haproxy".into(), run("haproxy", &["-v"])),
         ("nginx".into(), run("nginx", &["-v"])),
-        ("wrk".into(), run("wrk", &["-v"])),
-        ("iperf3".into(), run("iperf3", &["-v"])),
-    ]
+    ];
+    lines.extend(tools.iter().map(|t| (t.to_string(), run(t, &["-v"]))));
+    lines
 }
 
 fn fleetgate_version(fleetgate: &Path) -> String {

@@ -1,0 +1,266 @@
+//! Certificates, the origin nginx and the three proxies, configured from
+//! benches/templates/tls/ so all of them serve the same listeners:
+//! offload, offload with an optional client certificate (mtls), and
+//! passthrough.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rustls::ClientConfig;
+
+use crate::client;
+use crate::config::{dir_str, nginx_command, write_config};
+use crate::procs::{free_port, wait_http_ok, Guard};
+use crate::tools::{path_of, NGINX_STREAM_MODULE};
+
+const ORIGIN_TEMPLATE: &str = include_str!("../templates/tls/origin-nginx.conf");
+const HAPROXY_TEMPLATE: &str = include_str!("../templates/tls/haproxy.cfg");
+const NGINX_TEMPLATE: &str = include_str!("../templates/tls/nginx.conf");
+const FLEETGATE_TEMPLATE: &str = include_str!("../templates/tls/fleetgate.toml");
+
+/// How long a freshly started server gets to come up.
+const STARTUP_LIMIT: Duration = Duration::from_secs(10);
+
+/// The client certificate files (in the temp dir) of the mtls test.
+pub const CLIENT_CERT: (&str, &str) = ("client.pem", "client.key");
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Target {
+    Fleetgate,
+    Haproxy,
+    Nginx,
+}
+
+impl Target {
+    pub const ALL: [Target; 3] = [Target::Fleetgate, Target::Haproxy, Target::Nginx];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Target::Fleetgate => "fleetgate",
+            Target::Haproxy => "HAProxy",
+            Target::Nginx => "nginx",
+        }
+    }
+
+    pub fn key(self) -> &'static str {
+        match self {
+            Target::Fleetgate => "fleetgate",
+            Target::Haproxy => "haproxy",
+            Target::Nginx => "nginx",
+        }
+    }
+}
+
+/// One certificate for every server: ECDSA P-256, self-signed, for
+/// 127.0.0.1; and a device CA with one client certificate.
+pub fn make_certificates(dir: &Path) -> Result<()> {
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+    openssl(
+        dir,
+        &[&["req", "-x509"], &ec[..], &["-nodes", "-days", "7"]],
+        &[
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.pem",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+    )?;
+    // HAProxy wants certificate and key in one file.
+    let combined = std::fs::read_to_string(dir.join("server.pem"))?
+        + &std::fs::read_to_string(dir.join("server.key"))?;
+    std::fs::write(dir.join("server-combined.pem"), combined)?;
+
+    openssl(
+        dir,
+        &[&["req", "-x509"], &ec[..], &["-nodes", "-days", "7"]],
+        &[
+            "-keyout",
+            "client-ca.key",
+            "-out",
+            "client-ca.pem",
+            "-subj",
+            "/CN=bench device CA",
+        ],
+    )?;
+    openssl(
+        dir,
+        &[&["req"], &ec[..], &["-nodes"]],
+        &[
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=device-0001/O=bench",
+        ],
+    )?;
+    std::fs::write(
+        dir.join("client.ext"),
+        "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\nextendedKeyUsage=clientAuth\n",
+    )?;
+    openssl(
+        dir,
+        &[&["x509", "-req", "-days", "7", "-set_serial", "2"]],
+        &[
+            "-in",
+            "client.csr",
+            "-CA",
+            "client-ca.pem",
+            "-CAkey",
+            "client-ca.key",
+            "-extfile",
+            "client.ext",
+            "-out",
+            "client.pem",
+        ],
+    )
+}
+
+fn openssl(dir: &Path, parts: &[&[&str]], rest: &[&str]) -> Result<()> {
+    let mut cmd = Command::new("openssl");
+    for part in parts {
+        cmd.args(*part);
+    }
+    cmd.args(rest).current_dir(dir);
+    let out = cmd.output().context("running openssl")?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// The origin nginx: plain HTTP and TLS.
+pub struct Origin {
+    pub guard: Guard,
+    pub http_port: u16,
+    pub tls_port: u16,
+}
+
+pub fn start_origin(dir: &Path) -> Result<Origin> {
+    let http_port = free_port()?;
+    let tls_port = free_port()?;
+    let conf = write_config(
+        dir,
+        "origin-nginx.conf",
+        ORIGIN_TEMPLATE,
+        &[
+            ("DIR", dir_str(dir)),
+            ("ORIGIN_PORT", http_port.to_string()),
+            ("ORIGIN_TLS_PORT", tls_port.to_string()),
+        ],
+    )?;
+    let mut guard = Guard::spawn(
+        "origin nginx",
+        &mut nginx_command(dir, &conf),
+        &dir.join("origin-nginx.out"),
+    )?;
+    wait_http_ok(&mut guard, http_port, STARTUP_LIMIT)?;
+    Ok(Origin {
+        guard,
+        http_port,
+        tls_port,
+    })
+}
+
+/// A proxy ready to take load.
+pub struct Running {
+    pub target: Target,
+    pub offload_port: u16,
+    pub mtls_port: u16,
+    pub pass_port: u16,
+    pub proxy: Guard,
+}
+
+/// Starts `target` in front of `origin` and waits until a TLS request
+/// makes it through each listener to the origin. `instance` tells apart
+/// the configs and logs of several starts of the same proxy.
+pub fn start(
+    target: Target,
+    instance: &str,
+    dir: &Path,
+    origin: &Origin,
+    fleetgate_bin: &Path,
+    probe_config: &Arc<ClientConfig>,
+) -> Result<Running> {
+    let offload_port = free_port()?;
+    let mtls_port = free_port()?;
+    let pass_port = free_port()?;
+    let mut vars = vec![
+        ("DIR", dir_str(dir)),
+        ("OFFLOAD_PORT", offload_port.to_string()),
+        ("MTLS_PORT", mtls_port.to_string()),
+        ("PASS_PORT", pass_port.to_string()),
+        ("ORIGIN_PORT", origin.http_port.to_string()),
+        ("ORIGIN_TLS_PORT", origin.tls_port.to_string()),
+    ];
+    let name = format!("{}{instance}", target.key());
+    let mut cmd = match target {
+        Target::Haproxy => {
+            let conf = write_config(dir, &format!("{name}.cfg"), HAPROXY_TEMPLATE, &vars)?;
+            let mut cmd = Command::new(path_of("haproxy"));
+            cmd.arg("-db").arg("-f").arg(conf);
+            cmd
+        }
+        Target::Nginx => {
+            vars.push(("STREAM_MODULE", NGINX_STREAM_MODULE.into()));
+            // Each instance gets its own pid file and error log.
+            let template = NGINX_TEMPLATE
+                .replace("nginx.pid", &format!("{name}.pid"))
+                .replace("nginx.error.log", &format!("{name}.error.log"));
+            let conf = write_config(dir, &format!("{name}.conf"), &template, &vars)?;
+            nginx_command(dir, &conf)
+        }
+        Target::Fleetgate => {
+            vars.push(("ADMIN_PORT", free_port()?.to_string()));
+            let conf = write_config(dir, &format!("{name}.toml"), FLEETGATE_TEMPLATE, &vars)?;
+            let mut cmd = Command::new(fleetgate_bin);
+            cmd.arg("run").arg("-c").arg(conf);
+            cmd
+        }
+    };
+    let mut proxy = Guard::spawn(target.label(), &mut cmd, &dir.join(format!("{name}.out")))?;
+    for port in [offload_port, mtls_port, pass_port] {
+        wait_tls_ok(&mut proxy, port, probe_config)?;
+    }
+    Ok(Running {
+        target,
+        offload_port,
+        mtls_port,
+        pass_port,
+        proxy,
+    })
+}
+
+fn wait_tls_ok(guard: &mut Guard, port: u16, config: &Arc<ClientConfig>) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_LIMIT;
+    loop {
+        guard.ensure_running()?;
+        let error = match client::probe(port, config.clone()) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            bail!("127.0.0.1:{port} not serving over TLS after {STARTUP_LIMIT:?}: {error:#}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The fleetgate binary cargo built next to this bench, unless
+/// FLEETGATE_BIN points at another build.
+pub fn fleetgate_bin() -> PathBuf {
+    std::env::var_os("FLEETGATE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fleetgate")))
+}
