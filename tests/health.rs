@@ -67,7 +67,8 @@ fn tcp_check_marks_a_closed_port_down() {
     for _ in 0..10 {
         assert_eq!(ask(front).unwrap(), "a");
     }
-    assert_eq!(a.served(), served_before + 10);
+    // At least the ten (the TCP probes connect to a too).
+    assert!(a.served() >= served_before + 10);
     // No connect was wasted on b: the probe had already taken it out.
     let failures =
         format!("fleetgate_backend_connect_failures_total{{backend=\"{b_addr}\",pool=\"p\"}}");

@@ -74,16 +74,45 @@ async fn probe(
     addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
 ) -> Result<(), String> {
+    let target = Target {
+        kind: plan.kind,
+        addr,
+        path: &plan.path,
+        expect: plan.expect,
+        host: plan.host.as_deref(),
+        server_name: plan.server_name.as_deref(),
+        user_agent: "fleetgate-health-check",
+    };
+    probe_once(&target, tls).await
+}
+
+/// One probe target: shared by the balancer's health checks and the
+/// agent's checks of its local servers.
+pub struct Target<'a> {
+    pub kind: CheckKind,
+    pub addr: SocketAddr,
+    pub path: &'a str,
+    pub expect: u16,
+    /// HTTP Host header (default: the address).
+    pub host: Option<&'a str>,
+    /// TLS SNI (default: the IP).
+    pub server_name: Option<&'a str>,
+    pub user_agent: &'static str,
+}
+
+/// Probe `t` once: a TCP connect, a completed TLS handshake, or an HTTP
+/// GET answered with the expected status. The caller bounds the time.
+pub async fn probe_once(t: &Target<'_>, tls: &Arc<rustls::ClientConfig>) -> Result<(), String> {
+    let addr = t.addr;
     let stream = TcpStream::connect(addr)
         .await
-        .map_err(|e| format!("connect: {e}"))?;
-    match plan.kind {
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    match t.kind {
         CheckKind::Tcp => Ok(()),
         CheckKind::Tls => {
-            let name = plan
+            let name = t
                 .server_name
-                .clone()
-                .unwrap_or_else(|| addr.ip().to_string());
+                .map_or_else(|| addr.ip().to_string(), str::to_string);
             let name = rustls::pki_types::ServerName::try_from(name)
                 .map_err(|e| format!("server_name: {e}"))?;
             tokio_rustls::TlsConnector::from(tls.clone())
@@ -97,19 +126,19 @@ async fn probe(
                 .await
                 .map_err(|e| format!("http: {e}"))?;
             let driver = tokio::spawn(conn);
-            let host = plan.host.clone().unwrap_or_else(|| addr.to_string());
-            let req = hyper::Request::get(plan.path.as_str())
+            let host = t.host.map_or_else(|| addr.to_string(), str::to_string);
+            let req = hyper::Request::get(t.path)
                 .header(hyper::header::HOST, host)
-                .header(hyper::header::USER_AGENT, "fleetgate-health-check")
+                .header(hyper::header::USER_AGENT, t.user_agent)
                 .body(Empty::<Bytes>::new())
                 .map_err(|e| format!("request: {e}"))?;
             let res = sender.send_request(req).await;
             driver.abort();
             let status = res.map_err(|e| format!("http: {e}"))?.status().as_u16();
-            if status == plan.expect {
+            if status == t.expect {
                 Ok(())
             } else {
-                Err(format!("status {status}, expected {}", plan.expect))
+                Err(format!("status {status}, expected {}", t.expect))
             }
         }
     }
@@ -118,7 +147,7 @@ async fn probe(
 /// A TLS probe asks only "does the server complete a handshake?", as
 /// HAProxy's `check-ssl verify none` does: the certificate is not judged
 /// here (clients judge it end to end, or the upstream TLS settings do).
-fn tls_probe_config() -> rustls::ClientConfig {
+pub fn tls_probe_config() -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()

@@ -13,11 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use super::announcer::{Announcer, AnnouncerOptions};
@@ -476,104 +472,28 @@ fn hostname() -> Option<String> {
 }
 
 async fn probe(p: &Probe, tls: &Arc<rustls::ClientConfig>) -> Result<(), String> {
-    let stream = TcpStream::connect(p.addr)
-        .await
-        .map_err(|e| format!("connect {}: {e}", p.addr))?;
-    match p.kind {
-        CheckKind::Tcp => Ok(()),
-        CheckKind::Tls => {
-            let name = p
-                .server_name
-                .clone()
-                .unwrap_or_else(|| p.addr.ip().to_string());
-            let name = rustls::pki_types::ServerName::try_from(name)
-                .map_err(|e| format!("server_name: {e}"))?;
-            tokio_rustls::TlsConnector::from(tls.clone())
-                .connect(name, stream)
-                .await
-                .map(|_| ())
-                .map_err(|e| format!("TLS handshake: {e}"))
-        }
-        CheckKind::Http => {
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("http: {e}"))?;
-            let driver = tokio::spawn(conn);
-            let req = hyper::Request::get(p.path.as_str())
-                .header(hyper::header::HOST, p.addr.to_string())
-                .header(hyper::header::USER_AGENT, "fleetgate-agent")
-                .body(Empty::<Bytes>::new())
-                .map_err(|e| format!("request: {e}"))?;
-            let res = sender.send_request(req).await;
-            driver.abort();
-            let status = res.map_err(|e| format!("http: {e}"))?.status().as_u16();
-            if status == p.expect {
-                Ok(())
-            } else {
-                Err(format!("status {status}, expected {}", p.expect))
-            }
-        }
-    }
+    use crate::balance::health::{probe_once, Target};
+    let kind = match p.kind {
+        CheckKind::Tcp => crate::config::CheckKind::Tcp,
+        CheckKind::Tls => crate::config::CheckKind::Tls,
+        CheckKind::Http => crate::config::CheckKind::Http,
+    };
+    let target = Target {
+        kind,
+        addr: p.addr,
+        path: &p.path,
+        expect: p.expect,
+        host: None,
+        server_name: p.server_name.as_deref(),
+        user_agent: "fleetgate-agent",
+    };
+    probe_once(&target, tls).await
 }
 
-/// Like the balancer's TLS health probe: does a handshake complete? The
+/// The balancer's TLS probe config: does a handshake complete? The
 /// certificate is not judged (the local server's clients judge it).
 fn tls_probe_config() -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .expect("ring supports the default versions")
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(HandshakeOnly(provider)))
-        .with_no_client_auth()
-}
-
-#[derive(Debug)]
-struct HandshakeOnly(Arc<rustls::crypto::CryptoProvider>);
-
-impl rustls::client::danger::ServerCertVerifier for HandshakeOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &rustls::pki_types::CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    crate::balance::health::tls_probe_config()
 }
 
 #[cfg(test)]
