@@ -122,11 +122,23 @@ pub fn command_text(program: &str, args: &[&str]) -> String {
     }
 }
 
-/// A port that was free a moment ago. The OS picks it, so concurrent runs
-/// and leftovers from earlier runs don't collide with fixed numbers.
+/// A free port from below the kernel's ephemeral range (32768 and up), so
+/// the load generators' own outgoing connections, which take ephemeral
+/// ports by the thousand, cannot grab it before the server under test binds
+/// it. The walk starts from a pid-derived offset so concurrent runs differ.
 pub fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000;
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between {FIRST} and {}", FIRST + SPAN - 1)
 }
 
 /// Waits until something LISTENs on 127.0.0.1:`port`, read from

@@ -4,7 +4,7 @@
 //! as JSON, and a backend that holds its connection and echoes.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,14 +22,11 @@ pub const CLUSTER: &str = "fleet";
 pub const SERVICE: &str = "device-tls";
 pub const POOL: &str = "ums";
 
-/// A UDP port that was free a moment ago on 127.0.0.1. The discovery
-/// socket has SO_REUSEADDR, so two balancers could share a port without an
-/// error: pick it from the UDP space, not the TCP one.
+/// A UDP port for a balancer's discovery socket. That socket has
+/// SO_REUSEADDR, so two balancers could share a port without an error: the
+/// shared allocator hands each caller a port no other test is given.
 pub fn free_udp_addr() -> SocketAddr {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    super::free_addr()
 }
 
 /// `fleetgate token generate DIR/network.token` with the real binary; the

@@ -16,13 +16,25 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// A port that was free a moment ago on 127.0.0.1.
+/// A port on 127.0.0.1 that is free now and that the kernel will not hand
+/// out on its own: it comes from below the ephemeral range (32768 and up on
+/// Linux), so a later `bind(":0")` or an outgoing connection in another test
+/// cannot take it between this call and the balancer binding it. Each test
+/// process walks the range from its own pid-derived start, and a port is
+/// only returned when both its TCP and UDP sides bind.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const FIRST: u32 = 10_000;
+    const SPAN: u32 = 22_000; // up to 31_999
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let start = std::process::id().wrapping_mul(7_919) % SPAN;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed) as u32;
+        let port = (FIRST + (start + n) % SPAN) as u16;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        if TcpListener::bind(addr).is_ok() && std::net::UdpSocket::bind(addr).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn free_addr() -> SocketAddr {
