@@ -18,6 +18,8 @@ pub mod module;
 pub mod passthrough;
 pub mod proxy;
 pub mod runtime;
+pub mod shortage;
 pub mod simulate;
 pub mod status;
 pub mod tls;
+pub mod workers;

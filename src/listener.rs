@@ -67,14 +67,41 @@ pub enum ModeRuntime {
     Offload(Arc<crate::http::Offload>),
 }
 
-/// Bind a listening socket with the configured options.
-pub fn bind(addr: SocketAddr, opts: &SocketOptions) -> io::Result<std::net::TcpListener> {
+/// Bind a listener's sockets, one per connection worker. With more than
+/// one they form an SO_REUSEPORT group: the kernel spreads new connections
+/// over the workers, and no worker is woken for a connection another one
+/// takes. A port that is taken by a socket without SO_REUSEPORT (another
+/// program) still fails the first bind.
+pub fn bind_group(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let reuse_port = opts.reuse_port || workers > 1;
+    let first = bind(addr, opts, reuse_port)?;
+    // Port 0 binds an ephemeral port: the rest of the group joins that one.
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..workers {
+        group.push(bind(bound, opts, true)?);
+    }
+    Ok(group)
+}
+
+/// Bind one listening socket with the configured options.
+fn bind(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
-    if opts.reuse_port {
+    if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
     if addr.is_ipv6() {
         // `[::]` means IPv6 only; bind `0.0.0.0` separately for IPv4.
         socket.set_only_v6(true)?;
@@ -106,6 +133,12 @@ pub async fn accept_loop(
 ) {
     let error_log = RateLimit::new(1000);
     loop {
+        if let Some(pause) = crate::shortage::remaining() {
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = stop.changed() => return,
             r = listener.accept() => r,
@@ -114,14 +147,9 @@ pub async fn accept_loop(
             Ok(x) => x,
             Err(e) => {
                 let ctx = shared.load();
-                let out_of_files = matches!(
-                    e.raw_os_error(),
-                    Some(libc::EMFILE)
-                        | Some(libc::ENFILE)
-                        | Some(libc::ENOBUFS)
-                        | Some(libc::ENOMEM)
-                );
+                let out_of_files = crate::shortage::is_shortage(&e);
                 if out_of_files {
+                    crate::shortage::note();
                     ctx.metrics.accept_emfile.inc();
                 } else {
                     ctx.metrics.accept_other.inc();
@@ -129,10 +157,12 @@ pub async fn accept_loop(
                 if let Some(held) = error_log.allow() {
                     tracing::warn!(listener = %ctx.plan.name, "accept failed: {e} ({held} similar errors suppressed)");
                 }
-                // Out of descriptors: give connections time to close rather
-                // than spinning on a listen queue we cannot drain.
-                let pause = if out_of_files { 50 } else { 5 };
-                tokio::time::sleep(Duration::from_millis(pause)).await;
+                // Out of descriptors, the shortage pause above applies to
+                // every listener; other errors get a short pause of their
+                // own rather than a spin.
+                if !out_of_files {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
                 continue;
             }
         };

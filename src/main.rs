@@ -113,11 +113,13 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     logging::init("info");
     let plan = config::load(&path)?;
     logging::init(&plan.log_level);
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if plan.worker_threads > 0 {
-        builder.worker_threads(plan.worker_threads);
-    }
-    builder.enable_all().build()?.block_on(async move {
+    // The control plane (admin, health checks, discovery, reloads, modules'
+    // background tasks) runs here; connections run on the workers that
+    // `Runtime::start` creates, `worker_threads` of them.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    control.block_on(async move {
         let signals = runtime::Signals::install()?;
         let metrics = Arc::new(Metrics::new());
         let admin_listener = admin::bind(plan.admin_bind).await?;

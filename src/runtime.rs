@@ -23,6 +23,7 @@ use crate::logging::RateLimit;
 use crate::metrics::Metrics;
 use crate::module::{Module, ModuleEnv, Registry};
 use crate::passthrough::Passthrough;
+use crate::workers::Workers;
 
 /// Counts open connections process-wide so that shutdown can wait for them.
 #[derive(Default)]
@@ -69,7 +70,8 @@ impl Drop for TrackedConnection {
 struct RunningListener {
     shared: Arc<ArcSwap<ListenerShared>>,
     stop: watch::Sender<bool>,
-    task: JoinHandle<()>,
+    /// One accept loop per connection worker.
+    tasks: Vec<JoinHandle<()>>,
 }
 
 /// Control-plane state: touched by start, reload and shutdown only, never
@@ -91,6 +93,9 @@ pub struct Runtime {
     pub discovery: Option<Discovery>,
     applied: Mutex<Applied>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// Where listeners accept and connections run; declared last so it is
+    /// dropped after everything that may hold its tasks.
+    workers: Workers,
 }
 
 impl Runtime {
@@ -139,6 +144,8 @@ impl Runtime {
             }
         };
         let tracker = Arc::new(ConnectionTracker::default());
+        let workers = Workers::start(Workers::count(plan.worker_threads))
+            .context("starting connection workers")?;
         let applied = Mutex::new(Applied {
             plan: Arc::new(plan.clone()),
             pools: HashMap::new(),
@@ -152,6 +159,7 @@ impl Runtime {
             discovery,
             applied,
             background: Mutex::new(Vec::new()),
+            workers,
         });
         rt.apply(plan)?;
         let mut tasks = vec![tokio::spawn(watch_backends(Arc::downgrade(&rt)))];
@@ -222,7 +230,7 @@ impl Runtime {
         let mut fresh = HashMap::new();
         for l in &plan.listeners {
             if !applied.listeners.contains_key(&l.bind) {
-                let sock = listener::bind(l.bind, &l.socket)
+                let sock = listener::bind_group(l.bind, &l.socket, self.workers.len())
                     .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
                 fresh.insert(l.bind, sock);
             }
@@ -243,22 +251,43 @@ impl Runtime {
                 running.shared.store(shared);
                 continue;
             }
-            let std_listener = fresh.remove(&l.bind).expect("bound in step 2");
-            let tokio_listener = TcpListener::from_std(std_listener)
-                .with_context(|| format!("listener {:?}: registering {}", l.name, l.bind))?;
+            let group = fresh.remove(&l.bind).expect("bound in step 2");
             let shared = Arc::new(ArcSwap::new(shared));
             let (stop, stop_rx) = watch::channel(false);
-            let task = tokio::spawn(listener::accept_loop(
-                tokio_listener,
-                shared.clone(),
-                Arc::new(AtomicUsize::new(0)),
-                self.tracker.clone(),
-                stop_rx,
-            ));
+            let active = Arc::new(AtomicUsize::new(0));
+            let tasks = group
+                .into_iter()
+                .zip(self.workers.handles())
+                .map(|(sock, worker)| {
+                    let (shared, active, tracker, stop_rx) = (
+                        shared.clone(),
+                        active.clone(),
+                        self.tracker.clone(),
+                        stop_rx.clone(),
+                    );
+                    let name = l.name.clone();
+                    // Registered from inside the worker, so that its
+                    // connections belong to that worker's event loop.
+                    worker.spawn(async move {
+                        match TcpListener::from_std(sock) {
+                            Ok(sock) => {
+                                listener::accept_loop(sock, shared, active, tracker, stop_rx)
+                                    .await
+                            }
+                            Err(e) => tracing::error!(listener = %name, "cannot register listening socket: {e}"),
+                        }
+                    })
+                })
+                .collect();
             tracing::info!(listener = %l.name, bind = %l.bind, "listening");
-            applied
-                .listeners
-                .insert(l.bind, RunningListener { shared, stop, task });
+            applied.listeners.insert(
+                l.bind,
+                RunningListener {
+                    shared,
+                    stop,
+                    tasks,
+                },
+            );
         }
         let gone: Vec<SocketAddr> = applied
             .listeners
@@ -370,7 +399,9 @@ impl Runtime {
         let mut applied = self.applied.lock().unwrap();
         for (_, running) in applied.listeners.drain() {
             let _ = running.stop.send(true);
-            running.task.abort();
+            for t in running.tasks {
+                t.abort();
+            }
         }
         for h in applied.health.drain(..) {
             h.abort();

@@ -74,7 +74,10 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
                 .observe(started.elapsed().as_secs_f64());
             Ok(stream)
         }
-        Ok(Err(e)) if is_local_exhaustion(&e) => Err(format!("{LOCAL}connect: {e}")),
+        Ok(Err(e)) if crate::shortage::is_shortage(&e) => {
+            crate::shortage::note();
+            Err(format!("{LOCAL}connect: {e}"))
+        }
         Ok(Err(e)) => Err(format!("connect: {e}")),
         Err(_) => Err(format!(
             "connect timed out after {:?}",
@@ -86,10 +89,3 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
 /// Prefix of an attempt error that is the balancer's own (no descriptor
 /// or memory for a socket), which must not count against the backend.
 pub const LOCAL: &str = "local: ";
-
-fn is_local_exhaustion(e: &std::io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::EMFILE) | Some(libc::ENFILE) | Some(libc::ENOBUFS) | Some(libc::ENOMEM)
-    )
-}
