@@ -62,7 +62,7 @@ pub struct Global {
     /// How long SIGTERM waits for established connections before exiting.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: ConfigDuration,
-    /// Tokio worker threads; 0 means one per core.
+    /// Connection workers (a thread and event loop each); 0 means one per core.
     #[serde(default)]
     pub worker_threads: usize,
     /// Where modules keep their files; relative to the config file.
