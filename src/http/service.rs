@@ -12,7 +12,7 @@ use hyper::{Method, Request, Response, StatusCode, Version};
 use super::activity::{BodyWatch, WatchedBody};
 use super::headers::{self, strip_hop_by_hop};
 use super::route::request_host;
-use super::upstream::{Body, Upstream};
+use super::upstream::{Body, PooledBody, Upstream};
 use super::{ConnInfo, Offload, RouteRuntime, TargetRuntime};
 use crate::balance::connect::Unreachable;
 
@@ -240,10 +240,12 @@ async fn proxy(
                 .boxed(),
         );
     }
-    if !upgrade {
-        up.give_back(checkout.index, checkout.sender);
-    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if upgrade {
+        // A refused upgrade: the connection was opened for it alone.
+        return Response::from_parts(parts, body.boxed());
+    }
+    let body = PooledBody::new(body, up.clone(), checkout.index, checkout.sender);
     Response::from_parts(parts, body.boxed())
 }
