@@ -24,9 +24,15 @@ use super::{service, ClientCert, ConnInfo, Offload};
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Arc<Offload>) {
     let m = &offload.metrics;
     let acceptor = tokio_rustls::TlsAcceptor::from(offload.tls.clone());
-    let tls = match tokio::time::timeout(offload.http.handshake_timeout, acceptor.accept(tcp)).await
-    {
-        Ok(Ok(s)) => s,
+    // The handshake state and the stream live on the heap: inline, each
+    // would be part of this task's future (sized once, at spawn, for its
+    // largest state) for as long as the connection lives.
+    let handshake = Box::pin(tokio::time::timeout(
+        offload.http.handshake_timeout,
+        acceptor.accept(tcp),
+    ));
+    let tls: Box<Tls> = match handshake.await {
+        Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             let cert_problem = e
                 .get_ref()
@@ -107,7 +113,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
 }
 
 /// HTTP/2, chosen by ALPN (a client that did not offer `h2` gets HTTP/1.1).
-async fn serve_h2(tls: Tls, svc: Svc) -> hyper::Result<()> {
+async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
@@ -122,7 +128,7 @@ async fn serve_h2(tls: Tls, svc: Svc) -> hyper::Result<()> {
 /// in progress, it is put away (its buffers freed) and the connection
 /// waits for the client's next bytes holding only the TLS session. Bytes
 /// hyper had read but not parsed go to the next hyper connection first.
-async fn serve_h1(tls: Tls, svc: Svc) -> hyper::Result<()> {
+async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
     let mut builder = http1::Builder::new();
     builder
@@ -202,7 +208,7 @@ type Tls = tokio_rustls::server::TlsStream<TcpStream>;
 /// tracked for [`Activity::can_park`]; a shutdown while parking only
 /// flushes.
 struct Io {
-    tls: Tls,
+    tls: Box<Tls>,
     unread: Bytes,
     activity: Arc<Activity>,
 }
