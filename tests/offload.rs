@@ -337,3 +337,174 @@ async fn curl_with_a_client_certificate() {
         fleetgate::tls::forward::escaped_pem(&f.device.der)
     );
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body (what the echo
+/// backend sends) off a raw stream; returns (status, body).
+async fn read_response<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+    buf: &mut Vec<u8>,
+) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let status: u16 = head[9..12].parse().unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map(|v| v.trim().parse().unwrap())
+                .expect("content-length");
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+                    .await
+                    .expect("response body in time")
+                    .unwrap();
+                assert!(n > 0, "connection closed mid-response");
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).into_owned();
+            buf.drain(..end + 4 + len);
+            return (status, body);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut chunk))
+            .await
+            .expect("response in time")
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a response: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn get_request(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nhost: device.example\r\n\r\n")
+}
+
+/// One keep-alive connection through idle pauses (where the balancer puts
+/// its HTTP state away), pipelined requests, a request head split across
+/// a pause and a request body trickling in: every response comes back, in
+/// order, on the same connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn keep_alive_survives_idling_pipelining_and_split_requests() {
+    use tokio::io::AsyncWriteExt;
+    let f = fixture("optional", "", "").await;
+    let mut s = tls_connect(f.front, "device.example", f.client(None))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let pause = Duration::from_millis(300);
+
+    s.write_all(get_request("/first").as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, seen(&body).path.as_str()), (200, "/first"));
+
+    tokio::time::sleep(pause).await;
+    s.write_all(get_request("/after-idle").as_bytes())
+        .await
+        .unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, seen(&body).path.as_str()), (200, "/after-idle"));
+
+    // Three requests in one write.
+    let three = ["/p1", "/p2", "/p3"].map(get_request).concat();
+    s.write_all(three.as_bytes()).await.unwrap();
+    for p in ["/p1", "/p2", "/p3"] {
+        let (status, body) = read_response(&mut s, &mut buf).await;
+        assert_eq!((status, seen(&body).path.as_str()), (200, p));
+    }
+
+    // A full request followed by half of the next one, the rest after a pause.
+    let split = get_request("/split");
+    let (a, b) = split.split_at(20);
+    s.write_all(format!("{}{a}", get_request("/before-split")).as_bytes())
+        .await
+        .unwrap();
+    s.flush().await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, seen(&body).path.as_str()), (200, "/before-split"));
+    tokio::time::sleep(pause).await;
+    s.write_all(b.as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, seen(&body).path.as_str()), (200, "/split"));
+
+    // A POST whose body arrives in two parts, then a GET.
+    s.write_all(
+        b"POST /upload HTTP/1.1\r\nhost: device.example\r\ncontent-length: 10\r\n\r\nhello",
+    )
+    .await
+    .unwrap();
+    s.flush().await.unwrap();
+    tokio::time::sleep(pause).await;
+    s.write_all(b"world").await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    let seen_post = seen(&body);
+    assert_eq!((status, seen_post.path.as_str()), (200, "/upload"));
+    assert_eq!(seen_post.header("content-length"), Some("10"));
+    tokio::time::sleep(pause).await;
+    s.write_all(get_request("/last").as_bytes()).await.unwrap();
+    let (status, body) = read_response(&mut s, &mut buf).await;
+    assert_eq!((status, seen(&body).path.as_str()), (200, "/last"));
+}
+
+/// An idle keep-alive connection is closed once the header timeout has
+/// passed without a next request.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connection_closes_after_header_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture("optional", "header_timeout = \"500ms\"", "").await;
+    let mut s = tls_connect(f.front, "device.example", f.client(None))
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    s.write_all(get_request("/one").as_bytes()).await.unwrap();
+    let (status, _) = read_response(&mut s, &mut buf).await;
+    assert_eq!(status, 200);
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "idle connection still open after 5 s");
+    assert!(rest.is_empty(), "unexpected bytes: {rest:?}");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400),
+        "closed too early: {waited:?}"
+    );
+}
+
+/// A client that negotiates `h2` by ALPN is served HTTP/2; the backend
+/// still gets HTTP/1.1 with a Host header.
+#[tokio::test(flavor = "multi_thread")]
+async fn http2_chosen_by_alpn() {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let f = fixture("optional", "", "").await;
+    let config = client_config(&f.server_ca, None, &[b"h2", b"http/1.1"]);
+    let tls = tls_connect(f.front, "device.example", config)
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for path in ["/h2/a", "/h2/b"] {
+        let req = hyper::Request::get(format!("https://device.example{path}"))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), hyper::Version::HTTP_2);
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let s = seen(&String::from_utf8_lossy(&body));
+        assert_eq!(s.path, path);
+        assert_eq!(s.header("host"), Some("device.example"));
+    }
+}

@@ -1,6 +1,7 @@
 //! TLS offload: terminate TLS, route HTTP requests by host and path, and
 //! forward them (with the verified client certificate) to a pool.
 
+pub mod activity;
 pub mod headers;
 pub mod route;
 pub mod server;

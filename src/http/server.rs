@@ -1,22 +1,38 @@
 //! Serving one offloaded connection: the TLS handshake (with the
-//! client-certificate policy), then HTTP/1.1 or HTTP/2 by ALPN.
+//! client-certificate policy), then HTTP/2 when ALPN chose `h2`, else
+//! HTTP/1.1.
 
 use std::convert::Infallible;
+use std::future::{poll_fn, Future};
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
+use hyper::body::{Body as _, Bytes, Incoming};
+use hyper::header::UPGRADE;
+use hyper::server::conn::{http1, http2};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
 
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Arc<Offload>) {
     let m = &offload.metrics;
     let acceptor = tokio_rustls::TlsAcceptor::from(offload.tls.clone());
-    let tls = match tokio::time::timeout(offload.http.handshake_timeout, acceptor.accept(tcp)).await
-    {
-        Ok(Ok(s)) => s,
+    // The handshake state and the stream live on the heap: inline, each
+    // would be part of this task's future (sized once, at spawn, for its
+    // largest state) for as long as the connection lives.
+    let handshake = Box::pin(tokio::time::timeout(
+        offload.http.handshake_timeout,
+        acceptor.accept(tcp),
+    ));
+    let tls: Box<Tls> = match handshake.await {
+        Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             let cert_problem = e
                 .get_ref()
@@ -80,29 +96,211 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
         client_cert,
     });
 
-    let svc_offload = offload.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let (o, c) = (svc_offload.clone(), conn.clone());
-        async move { Ok::<_, Infallible>(service::handle(o, c, req).await) }
-    });
-    let http = &offload.http;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let h2 = conn.alpn.as_deref() == Some(b"h2");
+    let svc = Svc {
+        offload: offload.clone(),
+        conn,
+        activity: (!h2).then(Arc::default),
+    };
+    let ended = if h2 {
+        serve_h2(tls, svc).await
+    } else {
+        serve_h1(tls, svc).await
+    };
+    if let Err(e) = ended {
+        tracing::debug!(listener, %peer, "HTTP connection ended: {e}");
+    }
+}
+
+/// HTTP/2, chosen by ALPN (a client that did not offer `h2` gets HTTP/1.1).
+async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
+    let http = &svc.offload.http;
+    let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
-        .http1()
+        .timer(TokioTimer::new())
+        .max_header_list_size(http.max_header_bytes as u32)
+        .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
+    builder.serve_connection(TokioIo::new(tls), svc).await
+}
+
+/// HTTP/1.1 with keep-alive. hyper serves requests for as long as they
+/// come back to back; once it is waiting for a next request with nothing
+/// in progress, it is put away (its buffers freed) and the connection
+/// waits for the client's next bytes holding only the TLS session. Bytes
+/// hyper had read but not parsed go to the next hyper connection first.
+async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
+    let http = &svc.offload.http;
+    let mut builder = http1::Builder::new();
+    builder
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_timeout)
         .max_buf_size(http.max_header_bytes.max(8192))
         .max_headers(http.max_headers)
         .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(http.max_header_bytes as u32)
-        .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
-    if let Err(e) = builder
-        .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-        .await
-    {
-        tracing::debug!(listener, %peer, "HTTP connection ended: {e}");
+    let activity = svc.activity.clone().unwrap_or_default();
+    let mut io = Io {
+        tls,
+        unread: Bytes::new(),
+        activity: activity.clone(),
+    };
+    loop {
+        if io.unread.is_empty() && !has_pending_input(&mut io.tls) {
+            // The idle keep-alive wait: the header timeout bounds it, as
+            // it bounds hyper's own wait for a request.
+            let tcp = io.tls.get_ref().0;
+            match tokio::time::timeout(http.header_timeout, tcp.readable()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => return Ok(()),
+            }
+        }
+        activity.start_cycle();
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(io), svc.clone())
+                .with_upgrades(),
+        );
+        let mut parking = false;
+        poll_fn(|cx| loop {
+            match Pin::new(&mut *conn).poll(cx) {
+                Poll::Pending if !parking && activity.can_park() => {
+                    // hyper is idle, so this closes it without touching
+                    // a message; `Io` keeps the stream open meanwhile.
+                    parking = true;
+                    activity.set_parking(true);
+                    Pin::new(&mut *conn).graceful_shutdown();
+                }
+                other => return other,
+            }
+        })
+        .await?;
+        activity.set_parking(false);
+        if !parking {
+            return Ok(()); // closed by either side
+        }
+        let Some(parts) = conn.into_parts() else {
+            return Ok(()); // upgraded
+        };
+        io = parts.io.into_inner();
+        if !parts.read_buf.is_empty() {
+            io.unread = if io.unread.is_empty() {
+                parts.read_buf
+            } else {
+                [parts.read_buf, io.unread].concat().into()
+            };
+        }
+    }
+}
+
+/// Whether the TLS session already holds bytes of a next request (or the
+/// client's close), so waiting for the socket would wait for nothing.
+fn has_pending_input(tls: &mut Tls) -> bool {
+    match tls.get_mut().1.process_new_packets() {
+        Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+        // The next read reports it.
+        Err(_) => true,
+    }
+}
+
+type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The TLS stream as hyper's HTTP/1 connection sees it: bytes left over
+/// from the previous hyper connection come first; writes and flushes are
+/// tracked for [`Activity::can_park`]; a shutdown while parking only
+/// flushes.
+struct Io {
+    tls: Box<Tls>,
+    unread: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl AsyncRead for Io {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.unread.is_empty() {
+            let n = this.unread.len().min(buf.remaining());
+            buf.put_slice(&this.unread.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.tls).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.wrote();
+        Pin::new(&mut this.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        this.activity.wrote();
+        Pin::new(&mut this.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let flushed = ready!(Pin::new(&mut this.tls).poll_flush(cx));
+        if flushed.is_ok() {
+            this.activity.flushed();
+        }
+        Poll::Ready(flushed)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.activity.parking() {
+            return self.poll_flush(cx);
+        }
+        Pin::new(&mut self.get_mut().tls).poll_shutdown(cx)
+    }
+}
+
+/// The per-connection request handler given to hyper.
+#[derive(Clone)]
+struct Svc {
+    offload: Arc<Offload>,
+    conn: Arc<ConnInfo>,
+    /// HTTP/1 only.
+    activity: Option<Arc<Activity>>,
+}
+
+impl hyper::service::Service<Request<Incoming>> for Svc {
+    type Response = Response<ResponseBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let mut busy = None;
+        let mut watch = BodyWatch::none();
+        if let Some(a) = &self.activity {
+            busy = Some(a.begin());
+            if req.method() == Method::CONNECT || req.headers().contains_key(UPGRADE) {
+                // After a 101 the stream is no longer hyper's to give back.
+                a.pin();
+            } else if !req.body().is_end_stream() {
+                watch = a.watch_body();
+            }
+        }
+        let (offload, conn) = (self.offload.clone(), self.conn.clone());
+        Box::pin(async move {
+            let resp = service::handle(offload, conn, req, watch).await;
+            Ok(resp.map(|body| ResponseBody::new(body, busy)))
+        })
     }
 }

@@ -9,9 +9,10 @@ use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, CONNECTION, HOST, STRICT_TRANSPORT_SECURITY, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use super::activity::{BodyWatch, WatchedBody};
 use super::headers::{self, strip_hop_by_hop};
 use super::route::request_host;
-use super::upstream::{Body, Upstream};
+use super::upstream::{Body, PooledBody, Upstream};
 use super::{ConnInfo, Offload, RouteRuntime, TargetRuntime};
 use crate::balance::connect::Unreachable;
 
@@ -19,6 +20,7 @@ pub async fn handle(
     offload: Arc<Offload>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
+    body_watch: BodyWatch,
 ) -> Response<Body> {
     let started = Instant::now();
     let host = request_host(&req);
@@ -44,8 +46,11 @@ pub async fn handle(
         );
     };
     let resp = match &route.target {
-        TargetRuntime::Pool(up) => proxy(&offload, route, up, &conn, req, &host).await,
+        TargetRuntime::Pool(up) => proxy(&offload, route, up, &conn, req, body_watch, &host).await,
         TargetRuntime::Module(module) => {
+            // The module reads the body itself, so its end is not seen
+            // here: the watch keeps the connection with hyper.
+            drop(body_watch);
             let mut req = req;
             offload.cert_headers.strip(req.headers_mut());
             let ctx = crate::module::RequestContext {
@@ -107,6 +112,7 @@ async fn proxy(
     up: &Arc<Upstream>,
     conn: &ConnInfo,
     mut req: Request<Incoming>,
+    body_watch: BodyWatch,
     host: &str,
 ) -> Response<Body> {
     let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
@@ -156,6 +162,10 @@ async fn proxy(
             parts.headers.clone(),
         )
     });
+    let body = WatchedBody {
+        inner: body,
+        watch: body_watch,
+    };
     let request = Request::from_parts(parts, body.boxed());
 
     let mut checkout = match up.checkout(peer, upgrade, upgrade).await {
@@ -230,10 +240,12 @@ async fn proxy(
                 .boxed(),
         );
     }
-    if !upgrade {
-        up.give_back(checkout.index, checkout.sender);
-    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
+    if upgrade {
+        // A refused upgrade: the connection was opened for it alone.
+        return Response::from_parts(parts, body.boxed());
+    }
+    let body = PooledBody::new(body, up.clone(), checkout.index, checkout.sender);
     Response::from_parts(parts, body.boxed())
 }

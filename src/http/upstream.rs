@@ -2,11 +2,13 @@
 //! plain or re-encrypted TLS, kept alive and reused per backend.
 
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use http_body_util::combinators::BoxBody;
-use hyper::body::Bytes;
+use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -71,8 +73,13 @@ impl Upstream {
         let (index, (sender, reused)) =
             connect::first_success(&self.pool, client, |i| async move {
                 if !fresh {
-                    if let Some(s) = self.take_idle(i) {
-                        return Ok((s, true));
+                    // Given back at the end of a response, a connection is
+                    // ready as soon as its task has seen that end too; one
+                    // the backend closed meanwhile fails here.
+                    while let Some(mut s) = self.take_idle(i) {
+                        if s.ready().await.is_ok() {
+                            return Ok((s, true));
+                        }
                     }
                 }
                 self.open(i, upgrades).await.map(|s| (s, false))
@@ -88,8 +95,7 @@ impl Upstream {
     fn take_idle(&self, i: usize) -> Option<SendRequest<Body>> {
         let mut idle = self.idle[i].lock().unwrap_or_else(|e| e.into_inner());
         while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && c.sender.is_ready() && c.since.elapsed() < self.idle_timeout
-            {
+            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
                 return Some(c.sender);
             }
         }
@@ -115,22 +121,80 @@ impl Upstream {
         }
     }
 
-    /// Put a connection back once its response has been read in full.
-    pub fn give_back(self: &Arc<Self>, index: usize, mut sender: SendRequest<Body>) {
-        let this = self.clone();
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let mut idle = this.idle[index].lock().unwrap_or_else(|e| e.into_inner());
-            idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < this.idle_timeout);
-            if idle.len() < this.max_idle {
-                idle.push(IdleConn {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
-        });
+    /// Put a connection back; only once its response has been read in
+    /// full (see [`PooledBody`]).
+    fn give_back(&self, index: usize, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle[index].lock().unwrap_or_else(|e| e.into_inner());
+        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout);
+        if idle.len() < self.max_idle {
+            idle.push(IdleConn {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A backend's response body that puts its connection back into the
+/// keep-alive pool when the body has been read to its end, in the task
+/// reading it. A body dropped before its end leaves unread bytes on the
+/// connection, which is then not reused.
+pub struct PooledBody {
+    inner: Incoming,
+    back: Option<(Arc<Upstream>, usize, SendRequest<Body>)>,
+}
+
+impl PooledBody {
+    pub fn new(
+        inner: Incoming,
+        up: Arc<Upstream>,
+        index: usize,
+        sender: SendRequest<Body>,
+    ) -> Self {
+        let mut body = PooledBody {
+            inner,
+            back: Some((up, index, sender)),
+        };
+        if body.inner.is_end_stream() {
+            body.ended();
+        }
+        body
+    }
+
+    fn ended(&mut self) {
+        if let Some((up, index, sender)) = self.back.take() {
+            up.give_back(index, sender);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => this.ended(),
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
