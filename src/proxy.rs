@@ -12,15 +12,46 @@ use crate::l4::{self, PumpConfig, PumpEnd};
 use crate::listener::{ListenerShared, ModeRuntime};
 
 /// Serve an accepted (and admitted) connection according to its
-/// listener's mode.
-pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: Arc<ListenerShared>) {
+/// listener's mode, in a task of its own that holds `guard` until the
+/// connection ends.
+///
+/// Each mode gets its own task type rather than one task whose future is
+/// a `match` over all three: a task is as large as its future, and an
+/// idle offloaded connection (most of a device fleet) should not carry
+/// the L4 pump's or the passthrough parser's state around.
+pub fn spawn<G: Send + 'static>(
+    client: TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<ListenerShared>,
+    guard: G,
+) {
     match &ctx.mode {
-        ModeRuntime::Tcp(pool) => forward(client, peer, &ctx, pool).await,
-        ModeRuntime::Passthrough(pt) => crate::passthrough::serve(client, peer, &ctx, pt).await,
+        ModeRuntime::Tcp(_) => tokio::spawn(async move {
+            let ModeRuntime::Tcp(pool) = &ctx.mode else {
+                unreachable!("matched above")
+            };
+            forward(client, peer, &ctx, pool).await;
+            drop(guard);
+        }),
+        ModeRuntime::Passthrough(_) => tokio::spawn(async move {
+            let ModeRuntime::Passthrough(pt) = &ctx.mode else {
+                unreachable!("matched above")
+            };
+            crate::passthrough::serve(client, peer, &ctx, pt).await;
+            drop(guard);
+        }),
         ModeRuntime::Offload(offload) => {
-            crate::http::server::serve(client, peer, &ctx.plan.name, offload.clone()).await
+            let offload = offload.clone();
+            let name = ctx.plan.name.clone();
+            // The offload path needs only the listener's name and its
+            // offload state, not the whole plan.
+            drop(ctx);
+            tokio::spawn(async move {
+                crate::http::server::serve(client, peer, &name, offload).await;
+                drop(guard);
+            })
         }
-    }
+    };
 }
 
 /// Connect to a backend of `pool` and pump bytes until the connection
