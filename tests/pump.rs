@@ -22,12 +22,10 @@ use support_l4::{config, echo_round_trip, must, pipe_fds, EchoBackend, Prng};
 /// one at a time so neither starves the timing tests more than it must.
 static BULK: Mutex<()> = Mutex::new(());
 
-fn splice_line(splice: bool) -> &'static str {
-    if splice {
-        ""
-    } else {
-        "splice = false"
-    }
+/// The listener line for a pump mode: `true` (splice, the default),
+/// `false` (buffered copy) or `"auto"` (splice for bulk transfers only).
+fn splice_line(splice: &str) -> String {
+    format!("splice = {splice}")
 }
 
 fn connect(front: SocketAddr) -> TcpStream {
@@ -109,10 +107,10 @@ fn start_digest_backend() -> SocketAddr {
     addr
 }
 
-fn half_close(splice: bool) {
+fn half_close(splice: &str) {
     let backend = start_digest_backend();
     let front = free_addr();
-    let _fg = Balancer::start(&config(front, &[backend], splice_line(splice), ""));
+    let _fg = Balancer::start(&config(front, &[backend], &splice_line(splice), ""));
     let mut big = vec![0u8; 3 * 1024 * 1024 + 5];
     Prng::new(7).fill(&mut big[..3 * 1024 * 1024]);
     for request in [b"hello".to_vec(), Vec::new(), big] {
@@ -147,18 +145,23 @@ fn half_close(splice: bool) {
 
 #[test]
 fn half_close_from_client_splice() {
-    half_close(true);
+    half_close("true");
 }
 
 #[test]
 fn half_close_from_client_copy() {
-    half_close(false);
+    half_close("false");
+}
+
+#[test]
+fn half_close_from_client_auto() {
+    half_close("\"auto\"");
 }
 
 /// The other way round: the backend sends a banner and closes its write
 /// side first; the client must see EOF yet still be able to send, and the
 /// backend must get every byte.
-fn backend_half_close(splice: bool) {
+fn backend_half_close(splice: &str) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let backend = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
@@ -171,7 +174,7 @@ fn backend_half_close(splice: bool) {
         tx.send(r.map_err(|e| e.to_string())).unwrap();
     });
     let front = free_addr();
-    let _fg = Balancer::start(&config(front, &[backend], splice_line(splice), ""));
+    let _fg = Balancer::start(&config(front, &[backend], &splice_line(splice), ""));
     let mut s = connect(front);
     let mut banner = Vec::new();
     s.read_to_end(&mut banner).expect("EOF after the banner");
@@ -191,12 +194,17 @@ fn backend_half_close(splice: bool) {
 
 #[test]
 fn half_close_from_backend_splice() {
-    backend_half_close(true);
+    backend_half_close("true");
 }
 
 #[test]
 fn half_close_from_backend_copy() {
-    backend_half_close(false);
+    backend_half_close("false");
+}
+
+#[test]
+fn half_close_from_backend_auto() {
+    backend_half_close("\"auto\"");
 }
 
 // ----------------------------------------------------------------- integrity
@@ -259,11 +267,11 @@ fn start_duplex_backend(seed: u64) -> (SocketAddr, mpsc::Receiver<BackendReport>
     (addr, rx)
 }
 
-fn integrity(splice: bool) {
+fn integrity(splice: &str) {
     let _one_at_a_time = BULK.lock().unwrap_or_else(|e| e.into_inner());
     let (backend, report) = start_duplex_backend(0xdead_beef);
     let front = free_addr();
-    let fg = Balancer::start(&config(front, &[backend], splice_line(splice), ""));
+    let fg = Balancer::start(&config(front, &[backend], &splice_line(splice), ""));
     let pipes_before = pipe_fds(fg.pid());
     let started = Instant::now();
     let mut s = connect(front);
@@ -309,7 +317,7 @@ fn integrity(splice: bool) {
     // Which path moved the bytes: splice leaves its pipes in the pool, the
     // copy path never opens one.
     let pipes = pipe_fds(fg.pid());
-    if splice {
+    if splice != "false" {
         assert!(
             pipes > pipes_before,
             "splice=true but the balancer opened no pipe ({pipes_before} before, {pipes} after)"
@@ -324,12 +332,17 @@ fn integrity(splice: bool) {
 
 #[test]
 fn integrity_256mib_each_way_splice() {
-    integrity(true);
+    integrity("true");
 }
 
 #[test]
 fn integrity_256mib_each_way_copy() {
-    integrity(false);
+    integrity("false");
+}
+
+#[test]
+fn integrity_256mib_each_way_auto() {
+    integrity("\"auto\"");
 }
 
 // -------------------------------------------------------------- idle timeout
@@ -771,5 +784,42 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backend() {
         must(&text, "fleetgate_backend_connect_failures_total", &label),
         0.0,
         "the balancer's own EMFILE was counted against the backend"
+    );
+}
+
+/// `splice = "auto"` moves small exchanges through its buffer (no pipe is
+/// ever opened for them) and still splices a bulk transfer.
+#[test]
+fn auto_splices_only_bulk_transfers() {
+    let backend = EchoBackend::start();
+    let front = free_addr();
+    let fg = Balancer::start(&config(
+        front,
+        &[backend.addr],
+        &splice_line("\"auto\""),
+        "",
+    ));
+    let before = pipe_fds(fg.pid());
+    let mut s = connect(front);
+    for i in 0..200u32 {
+        echo_round_trip(&mut s, format!("request {i}\n").as_bytes()).unwrap();
+    }
+    assert_eq!(
+        pipe_fds(fg.pid()),
+        before,
+        "small request/response exchanges went through a pipe"
+    );
+    let mut bulk = vec![0u8; 8 * 1024 * 1024];
+    Prng::new(3).fill(&mut bulk);
+    let mut w = s.try_clone().unwrap();
+    let sent = bulk.clone();
+    let writer = thread::spawn(move || w.write_all(&sent).unwrap());
+    let mut back = vec![0u8; bulk.len()];
+    s.read_exact(&mut back).unwrap();
+    writer.join().unwrap();
+    assert!(back == bulk, "bulk echo came back altered");
+    assert!(
+        pipe_fds(fg.pid()) > before,
+        "an 8 MiB transfer in auto mode opened no pipe"
     );
 }

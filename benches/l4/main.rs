@@ -50,7 +50,7 @@ struct Settings {
     rounds: u32,
     secs: u64,
     targets: Vec<Target>,
-    fleetgate_splice: bool,
+    fleetgate_splice: String,
     /// Leave the temp dir (configs, logs) behind for a look afterwards.
     keep_tmp: bool,
 }
@@ -66,7 +66,7 @@ impl Settings {
             rounds: rounds as u32,
             secs,
             targets: targets_from_env()?,
-            fleetgate_splice: env_flag("FLEETGATE_SPLICE", true),
+            fleetgate_splice: splice_from_env()?,
             keep_tmp: env_flag("KEEP_TMP", false),
         })
     }
@@ -87,6 +87,17 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
             .with_context(|| format!("{name}={text:?} is not a whole number")),
         Err(_) => Ok(default),
     }
+}
+
+/// FLEETGATE_SPLICE: 1 (default) → `splice = true`, 0 → `false`, auto →
+/// `"auto"`; the value as it goes into fleetgate's config.
+fn splice_from_env() -> Result<String> {
+    Ok(match env::var("FLEETGATE_SPLICE").as_deref() {
+        Err(_) | Ok("1") | Ok("true") => "true".into(),
+        Ok("0") | Ok("false") => "false".into(),
+        Ok("auto") => "\"auto\"".into(),
+        Ok(other) => bail!("FLEETGATE_SPLICE={other:?}: use 1, 0 or auto"),
+    })
 }
 
 fn env_flag(name: &str, default: bool) -> bool {
@@ -139,7 +150,7 @@ fn run() -> Result<()> {
     let backends = targets::start_backends(dir.path())?;
     let opts = ProxyOptions {
         fleetgate_bin,
-        fleetgate_splice: settings.fleetgate_splice,
+        fleetgate_splice: settings.fleetgate_splice.clone(),
     };
     let mut running = start_targets(&settings.targets, dir.path(), &backends, &opts);
     let ticks_per_sec = procs::clock_ticks_per_sec()?;

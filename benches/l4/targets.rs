@@ -84,8 +84,9 @@ pub struct Running {
 /// What the proxies' configs can vary beyond ports.
 pub struct ProxyOptions {
     pub fleetgate_bin: PathBuf,
-    /// false forces fleetgate's buffered copy path instead of splice(2).
-    pub fleetgate_splice: bool,
+    /// The `splice` value for fleetgate's listeners: `true`, `false` (the
+    /// buffered copy path) or `"auto"`.
+    pub fleetgate_splice: String,
 }
 
 pub fn start_backends(dir: &Path) -> Result<Backends> {
@@ -194,7 +195,7 @@ fn proxy_command(
         }
         Target::Fleetgate => {
             vars.push(("ADMIN_PORT", free_port()?.to_string()));
-            vars.push(("SPLICE", opts.fleetgate_splice.to_string()));
+            vars.push(("SPLICE", opts.fleetgate_splice.clone()));
             let conf = write_config(dir, "fleetgate.toml", FLEETGATE_TEMPLATE, &vars)?;
             let mut cmd = Command::new(&opts.fleetgate_bin);
             cmd.arg("run").arg("-c").arg(conf);

@@ -146,7 +146,7 @@ pub struct ListenerPlan {
     pub idle_timeout: Duration,
     pub acl: Acl,
     pub socket: SocketOptions,
-    pub splice: bool,
+    pub splice: crate::l4::SpliceMode,
 }
 
 #[derive(Debug, Clone, PartialEq)]

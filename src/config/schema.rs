@@ -135,9 +135,10 @@ pub struct Listener {
     pub nodelay: bool,
     #[serde(default = "default_true")]
     pub keepalive: bool,
-    /// Move bytes with splice(2) on Linux; false forces the buffered copy.
-    #[serde(default = "default_true")]
-    pub splice: bool,
+    /// Move bytes with splice(2) on Linux (`true`), through a buffer
+    /// (`false`), or splice bulk transfers only (`"auto"`).
+    #[serde(default)]
+    pub splice: crate::l4::SpliceMode,
 
     // --- passthrough ---
     #[serde(default)]

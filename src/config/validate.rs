@@ -341,7 +341,7 @@ fn only_in(l: &schema::Listener, i: usize) -> Result<(), SemanticError> {
             return misplaced("route", "offload");
         }
     }
-    if l.mode == Offload && !l.splice {
+    if l.mode == Offload && l.splice != crate::l4::SpliceMode::Always {
         return misplaced("splice", "tcp and passthrough");
     }
     Ok(())

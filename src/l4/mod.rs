@@ -23,8 +23,48 @@ use tokio::net::TcpStream;
 #[derive(Debug, Clone, Copy)]
 pub struct PumpConfig {
     pub idle_timeout: Duration,
-    /// Use splice(2) where the platform has it.
-    pub splice: bool,
+    pub splice: SpliceMode,
+}
+
+/// How the pump moves bytes (`splice = true | false | "auto"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SpliceMode {
+    /// splice(2) for every byte, where the platform has it.
+    #[default]
+    Always,
+    /// The buffered copy.
+    Off,
+    /// Like HAProxy's `splice-auto`: each burst is first read into a
+    /// buffer; a read that fills it marks a bulk transfer, whose rest then
+    /// moves with splice(2). A small request or response costs one read
+    /// and one write instead of two splices and a pipe.
+    Auto,
+}
+
+impl<'de> serde::Deserialize<'de> for SpliceMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SpliceMode;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("true, false or \"auto\"")
+            }
+            fn visit_bool<E: serde::de::Error>(self, v: bool) -> Result<SpliceMode, E> {
+                Ok(if v {
+                    SpliceMode::Always
+                } else {
+                    SpliceMode::Off
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SpliceMode, E> {
+                match v {
+                    "auto" => Ok(SpliceMode::Auto),
+                    _ => Err(E::invalid_value(serde::de::Unexpected::Str(v), &self)),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// Metric counters the pump adds to as bytes move.
@@ -150,12 +190,12 @@ async fn drive(
 async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
-    splice: bool,
+    splice: SpliceMode,
     progress: &Progress<'_>,
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
-    if splice {
-        return zero_copy::one_way(from, to, progress).await;
+    if splice != SpliceMode::Off {
+        return zero_copy::one_way(from, to, splice == SpliceMode::Auto, progress).await;
     }
     let _ = splice;
     copy::one_way(from, to, progress).await

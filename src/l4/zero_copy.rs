@@ -1,4 +1,5 @@
-//! One direction of the pump with splice(2): socket → pipe → socket.
+//! One direction of the pump with splice(2): socket → pipe → socket; in
+//! `auto` mode only for bulk transfers.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -6,17 +7,35 @@ use std::os::fd::AsFd;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::copy::{self, Step};
 use super::pipes::{self, CHUNK};
 use super::splice::Pipe;
-use super::{copy, shutdown_write, Progress};
+use super::{shutdown_write, Progress};
 
 pub(super) async fn one_way(
     from: &TcpStream,
     to: &TcpStream,
+    auto: bool,
     progress: &Progress<'_>,
 ) -> io::Result<()> {
     loop {
         from.readable().await?;
+        if auto {
+            // One buffered read first: if it drains the socket this was a
+            // small exchange and is done; only a read that fills the
+            // buffer (a bulk transfer) goes on with splice.
+            match copy::step(from, to, progress)? {
+                Step::Moved => {}
+                Step::MovedAll | Step::Drained => continue,
+                Step::Eof => return shutdown_write(to),
+                Step::Left(rest, drained) => {
+                    copy::write_all(to, &rest, progress).await?;
+                    if drained {
+                        continue;
+                    }
+                }
+            }
+        }
         let pipe = match pipes::take() {
             Ok(pipe) => pipe,
             // No descriptor (EMFILE/ENFILE) or pipe memory for a new pipe:
