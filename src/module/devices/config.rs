@@ -27,8 +27,11 @@ pub struct DevicesConfig {
     /// so that a fleet switched on at 8:00 does not call in at 8:00.
     #[serde(default = "default_jitter", with = "humantime_serde_compat")]
     pub heartbeat_jitter: Duration,
-    /// Longest a last-contact update waits to be written with others.
-    #[serde(default = "default_flush", with = "humantime_serde_compat")]
+    /// Extra time a last-contact update may wait to be written with others.
+    /// 0 (the default): group commit only, each transaction takes what
+    /// queued while the previous one ran (see heartbeat.rs). Older configs
+    /// set 50ms, which still works but adds up to that to every heartbeat.
+    #[serde(default, with = "humantime_serde_compat")]
     pub heartbeat_flush: Duration,
     /// Most last-contact updates written in one transaction.
     #[serde(default = "default_batch")]
@@ -116,9 +119,6 @@ fn default_interval() -> Duration {
 }
 fn default_jitter() -> Duration {
     Duration::from_secs(600)
-}
-fn default_flush() -> Duration {
-    Duration::from_millis(50)
 }
 fn default_batch() -> usize {
     1000
