@@ -36,6 +36,13 @@ pub struct DevicesConfig {
     /// Most last-contact updates written in one transaction.
     #[serde(default = "default_batch")]
     pub heartbeat_batch: usize,
+    /// Longest the device API reuses what it keeps in memory for the
+    /// heartbeat (the device behind a certificate, effective settings,
+    /// pending-command count). Changes drop these at once, on every
+    /// balancer sharing the store (see cache.rs); this only bounds the
+    /// staleness a lost notification could cause. 0 disables the cache.
+    #[serde(default = "default_cache_ttl", with = "humantime_serde_compat")]
+    pub cache_ttl: Duration,
     /// A device counts as online if it was heard from within
     /// interval + jitter + this.
     #[serde(default = "default_grace", with = "humantime_serde_compat")]
@@ -118,6 +125,9 @@ fn default_interval() -> Duration {
     Duration::from_secs(300)
 }
 fn default_jitter() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_cache_ttl() -> Duration {
     Duration::from_secs(600)
 }
 fn default_batch() -> usize {
