@@ -17,9 +17,16 @@
 //! - `ttl` bounds what a lost notification can cost (a balancer that died
 //!   between its commit and its NOTIFY): no entry is used once it is older.
 //!   A lost LISTEN connection already ends in a `Resync`, which clears all.
+//!
+//! Memory: a device costs one small entry (its id, a pointer to its
+//! effective settings, its pending count, two timestamps) plus its
+//! certificate's. Effective settings documents are shared: the version is a
+//! hash of every input, so devices with the same version have the same
+//! document, and the cache keeps one copy per version however many devices
+//! use it (most of a fleet shares a handful).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use super::settings::Effective;
@@ -39,13 +46,65 @@ struct Entry<T> {
     at: Instant,
 }
 
+impl<T> Entry<T> {
+    fn new(value: T) -> Entry<T> {
+        Entry {
+            value,
+            at: Instant::now(),
+        }
+    }
+}
+
+impl<T: Clone> Entry<T> {
+    fn fresh(&self, ttl: Duration) -> Option<T> {
+        (self.at.elapsed() < ttl).then(|| self.value.clone())
+    }
+}
+
+/// What is kept for one device: both halves of a heartbeat's answer.
+#[derive(Default)]
+struct PerDevice {
+    settings: Option<Entry<Arc<Effective>>>,
+    pending: Option<Entry<i64>>,
+}
+
 #[derive(Default)]
 struct Maps {
     generation: u64,
     /// Certificate fingerprint → device id.
-    devices: HashMap<String, Entry<Arc<str>>>,
-    settings: HashMap<Arc<str>, Entry<Arc<Effective>>>,
-    pending: HashMap<Arc<str>, Entry<i64>>,
+    devices: HashMap<Box<str>, Entry<Arc<str>>>,
+    per_device: HashMap<Arc<str>, PerDevice>,
+    /// Settings version → the one shared document with that version.
+    documents: HashMap<Box<str>, Weak<Effective>>,
+    /// `documents` is swept of unused versions when it outgrows this.
+    sweep_at: usize,
+}
+
+impl Maps {
+    fn device(&mut self, id: &str) -> &mut PerDevice {
+        if !self.per_device.contains_key(id) {
+            self.per_device.insert(id.into(), PerDevice::default());
+        }
+        self.per_device.get_mut(id).expect("inserted above")
+    }
+
+    /// The shared copy of `e` (by version), registering `e` if new.
+    fn intern(&mut self, e: Arc<Effective>) -> Arc<Effective> {
+        if let Some(shared) = self
+            .documents
+            .get(e.version.as_str())
+            .and_then(Weak::upgrade)
+        {
+            return shared;
+        }
+        if self.documents.len() >= self.sweep_at {
+            self.documents.retain(|_, w| w.strong_count() > 0);
+            self.sweep_at = (self.documents.len() * 2).max(64);
+        }
+        self.documents
+            .insert(e.version.as_str().into(), Arc::downgrade(&e));
+        e
+    }
 }
 
 pub struct Cache {
@@ -72,27 +131,55 @@ impl Cache {
     }
 
     pub fn device_id(&self, fingerprint: &str) -> Option<Arc<str>> {
-        self.get(|m| &m.devices, fingerprint)
+        self.lock().devices.get(fingerprint)?.fresh(self.ttl)
     }
 
     pub fn put_device_id(&self, t: Ticket, fingerprint: &str, id: Arc<str>) {
-        self.put(t, |m| &mut m.devices, fingerprint.into(), id);
+        if let Some(mut m) = self.filling(t) {
+            m.devices.insert(fingerprint.into(), Entry::new(id));
+        }
     }
 
     pub fn settings(&self, id: &str) -> Option<Arc<Effective>> {
-        self.get(|m| &m.settings, id)
+        self.lock()
+            .per_device
+            .get(id)?
+            .settings
+            .as_ref()?
+            .fresh(self.ttl)
     }
 
-    pub fn put_settings(&self, t: Ticket, id: &str, e: Arc<Effective>) {
-        self.put(t, |m| &mut m.settings, id.into(), e);
+    /// Keep `e` for device `id`; returns the copy kept (shared with every
+    /// device whose settings have the same version), or `e` itself.
+    pub fn put_settings(&self, t: Ticket, id: &str, e: Arc<Effective>) -> Arc<Effective> {
+        let Some(mut m) = self.filling(t) else {
+            return e;
+        };
+        let e = m.intern(e);
+        m.device(id).settings = Some(Entry::new(e.clone()));
+        e
     }
 
     pub fn pending(&self, id: &str) -> Option<i64> {
-        self.get(|m| &m.pending, id)
+        self.lock()
+            .per_device
+            .get(id)?
+            .pending
+            .as_ref()?
+            .fresh(self.ttl)
     }
 
     pub fn put_pending(&self, t: Ticket, id: &str, n: i64) {
-        self.put(t, |m| &mut m.pending, id.into(), n);
+        if let Some(mut m) = self.filling(t) {
+            m.device(id).pending = Some(Entry::new(n));
+        }
+    }
+
+    /// Distinct settings documents held (tests and sizing).
+    pub fn documents(&self) -> usize {
+        let mut m = self.lock();
+        m.documents.retain(|_, w| w.strong_count() > 0);
+        m.documents.len()
     }
 
     /// Drop what `scope` covers, and make fills that started before now
@@ -102,12 +189,11 @@ impl Cache {
         m.generation += 1;
         match scope {
             Scope::Device(id) => {
-                m.settings.remove(id.as_str());
-                m.pending.remove(id.as_str());
+                m.per_device.remove(id.as_str());
             }
             Scope::AllDevices => {
-                m.settings.clear();
-                m.pending.clear();
+                m.per_device = HashMap::new();
+                m.documents = HashMap::new();
             }
         }
     }
@@ -118,9 +204,9 @@ impl Cache {
     pub fn clear(&self) {
         let mut m = self.lock();
         m.generation += 1;
-        m.settings.clear();
-        m.pending.clear();
-        m.devices.clear();
+        m.per_device = HashMap::new();
+        m.documents = HashMap::new();
+        m.devices = HashMap::new();
     }
 
     /// The certificate is no longer valid (revoked).
@@ -130,41 +216,13 @@ impl Cache {
         m.devices.remove(fingerprint);
     }
 
-    fn get<K, T>(&self, map: impl FnOnce(&Maps) -> &HashMap<K, Entry<T>>, key: &str) -> Option<T>
-    where
-        K: std::borrow::Borrow<str> + std::hash::Hash + Eq,
-        T: Clone,
-    {
-        let m = self.lock();
-        map(&m)
-            .get(key)
-            .filter(|e| e.at.elapsed() < self.ttl)
-            .map(|e| e.value.clone())
-    }
-
-    fn put<K, T>(
-        &self,
-        t: Ticket,
-        map: impl FnOnce(&mut Maps) -> &mut HashMap<K, Entry<T>>,
-        key: K,
-        value: T,
-    ) where
-        K: std::hash::Hash + Eq,
-    {
+    /// The maps, if a fill with ticket `t` may still be kept.
+    fn filling(&self, t: Ticket) -> Option<MutexGuard<'_, Maps>> {
         if self.ttl.is_zero() {
-            return;
+            return None;
         }
-        let mut m = self.lock();
-        if m.generation != t.0 {
-            return;
-        }
-        map(&mut m).insert(
-            key,
-            Entry {
-                value,
-                at: Instant::now(),
-            },
-        );
+        let m = self.lock();
+        (m.generation == t.0).then_some(m)
     }
 
     fn lock(&self) -> MutexGuard<'_, Maps> {
@@ -216,6 +274,42 @@ mod tests {
         c.put_device_id(t, "fp2", "d2".into());
         c.clear();
         assert!(c.device_id("fp2").is_none());
+    }
+
+    #[test]
+    fn devices_with_one_version_share_one_document() {
+        let c = Cache::new(Duration::from_secs(60));
+        let doc = |v: &str| {
+            Arc::new(Effective {
+                settings: serde_json::json!({"big": "x".repeat(4096)}),
+                version: v.into(),
+            })
+        };
+        for i in 0..1000 {
+            let kept = c.put_settings(
+                c.ticket(),
+                &format!("d{i}"),
+                doc(if i % 10 == 0 { "b" } else { "a" }),
+            );
+            assert_eq!(kept.version, if i % 10 == 0 { "b" } else { "a" });
+        }
+        // Two documents for a thousand devices, each device pointing at one.
+        assert_eq!(c.documents(), 2);
+        let (a1, a2) = (c.settings("d1").unwrap(), c.settings("d2").unwrap());
+        assert!(Arc::ptr_eq(&a1, &a2));
+        assert_eq!(c.settings("d10").unwrap().version, "b");
+        // A version nobody uses any more is not kept alive by the index.
+        drop((a1, a2));
+        for i in (0..1000).filter(|i| i % 10 != 0) {
+            c.invalidate(&Scope::Device(format!("d{i}")));
+        }
+        assert_eq!(c.documents(), 1);
+        // A stale fill neither keeps its document nor fails the caller.
+        let stale = c.ticket();
+        c.invalidate(&Scope::AllDevices);
+        assert_eq!(c.put_settings(stale, "d1", doc("c")).version, "c");
+        assert!(c.settings("d1").is_none());
+        assert_eq!(c.documents(), 0);
     }
 
     #[test]

@@ -132,8 +132,7 @@ impl Devices {
         let ticket = self.cache.ticket();
         let inputs = self.store.settings_inputs(device_id.to_string()).await?;
         let e = Arc::new(settings::effective(&inputs));
-        self.cache.put_settings(ticket, device_id, e.clone());
-        Ok(e)
+        Ok(self.cache.put_settings(ticket, device_id, e))
     }
 
     /// How many commands wait for the device's acknowledgement, from
