@@ -126,13 +126,20 @@ type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
     let id = id.to_string();
     let (conn, mut rx) = devices.hub.register(&id);
-    if let Err(e) = devices
-        .store
-        .set_channel(id.clone(), devices.node.clone(), true)
-        .await
-    {
-        tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
-    }
+    // Recorded beside the channel rather than before it: when thousands of
+    // devices reconnect at once these commits queue, and a channel waiting
+    // for its turn would hold its connection's handshake buffers (hyper's
+    // read buffer is released at the WebSocket's first read) meanwhile.
+    // Delivery does not depend on it: pokes reach the local hub directly.
+    let recording = {
+        let (devices, id) = (devices.clone(), id.clone());
+        tokio::spawn(async move {
+            let node = devices.node.clone();
+            if let Err(e) = devices.store.set_channel(id.clone(), node, true).await {
+                tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
+            }
+        })
+    };
     devices.contacts.record_soon(id.clone(), now_ms());
     tracing::debug!(device = %id, "devices: command channel open");
 
@@ -192,6 +199,8 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
         },
     };
     devices.hub.unregister(&id, conn);
+    // Cleared only after it was set, or the stale node would stay.
+    let _ = recording.await;
     if let Err(e) = devices
         .store
         .set_channel(id.clone(), devices.node.clone(), false)
