@@ -513,3 +513,103 @@ async fn search_export_and_import() {
     assert_eq!(s, 409);
     assert_eq!(lb2.admin("GET", "devices", None).await.1["total"], 2);
 }
+
+/// The heartbeat answers from memory; every change must still show in the
+/// very next heartbeat, whichever way it was made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_see_every_change_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let lb = DevicesLb::start(dir.path(), "").await;
+    let device = lb.enrol("kiosk").await;
+    let other = lb.enrol("other").await;
+    let beat = |d| {
+        let lb = &lb;
+        async move {
+            let (s, hb) = lb.call(Some(d), "POST", "/api/v1/heartbeat", None).await;
+            assert_eq!(s, 200, "{hb}");
+            (
+                hb["settings_version"].as_str().unwrap().to_string(),
+                hb["pending_commands"].as_i64().unwrap(),
+            )
+        }
+    };
+    let mut last = String::new();
+    let mut changed = |what: &str, v: String| {
+        assert_ne!(v, last, "{what}: the heartbeat kept the old version");
+        last = v;
+    };
+    // Twice: the second answer comes from memory.
+    let (v, _) = beat(&device).await;
+    assert_eq!(beat(&device).await.0, v);
+    changed("start", v);
+
+    let put = |path: String, body: serde_json::Value| {
+        let lb = &lb;
+        async move {
+            let (s, r) = lb.admin("PUT", &path, Some(&body)).await;
+            assert_eq!(s, 200, "{path}: {r}");
+        }
+    };
+    put("defaults".into(), json!({"volume": 1})).await;
+    changed("defaults", beat(&device).await.0);
+    put("groups/g".into(), json!({"settings": {"volume": 2}})).await;
+    let v_other = beat(&other).await.0;
+    put(format!("devices/{}/groups", device.id), json!(["g"])).await;
+    changed("membership", beat(&device).await.0);
+    assert_eq!(beat(&other).await.0, v_other, "only that device changed");
+    put("groups/g".into(), json!({"settings": {"volume": 3}})).await;
+    changed("group settings", beat(&device).await.0);
+    put(
+        format!("devices/{}/settings", device.id),
+        json!({"volume": 4}),
+    )
+    .await;
+    changed("device settings", beat(&device).await.0);
+    let (s, _) = lb
+        .call_json(&device, "PUT", "/api/v1/session", &json!({"user": "ann"}))
+        .await;
+    assert_eq!(s, 200);
+    changed("session", beat(&device).await.0);
+    put("users/ann".into(), json!({"volume": 5})).await;
+    changed("user profile", beat(&device).await.0);
+    let (s, _) = lb.admin("DELETE", "users/ann", None).await;
+    assert_eq!(s, 200);
+    changed("user profile deleted", beat(&device).await.0);
+    let (s, _) = lb.admin("DELETE", "groups/g", None).await;
+    assert_eq!(s, 200);
+    changed("group deleted", beat(&device).await.0);
+
+    // Pending commands: counted as soon as queued, gone once acknowledged
+    // (over HTTP here: no channel).
+    assert_eq!(beat(&device).await.1, 0);
+    let (s, cmd) = lb
+        .admin(
+            "POST",
+            &format!("devices/{}/commands", device.id),
+            Some(&json!({"kind": "reboot"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{cmd}");
+    assert_eq!(beat(&device).await.1, 1);
+    assert_eq!(beat(&other).await.1, 0);
+    let (s, _) = lb
+        .call_json(
+            &device,
+            "POST",
+            &format!("/api/v1/commands/{}/ack", cmd["id"].as_str().unwrap()),
+            &json!({"status": "ok"}),
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert_eq!(beat(&device).await.1, 0);
+
+    // Revoked after heartbeats were answered from memory: refused at once.
+    let (s, _) = lb
+        .admin("POST", &format!("devices/{}/revoke", device.id), None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = lb
+        .call(Some(&device), "POST", "/api/v1/heartbeat", None)
+        .await;
+    assert_eq!(s, 403);
+}

@@ -57,7 +57,6 @@ tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", cl
 [module.devices]
 kind = "devices"
 admin_token = "{TOKEN}"
-heartbeat_flush = "20ms"
 "#
     )
 }

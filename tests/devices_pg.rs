@@ -94,6 +94,55 @@ async fn two_balancers_one_fleet() {
         .await;
     assert_eq!(history["commands"][0]["status"], "ok");
 
+    // B answers heartbeats from memory; a change made through A reaches
+    // it by NOTIFY (sent in A's transaction), so B's answer follows within
+    // the notification's delay.
+    let beat = || async {
+        let (s, hb) = b
+            .call(Some(&device), "POST", "/api/v1/heartbeat", None)
+            .await;
+        assert_eq!(s, 200, "{hb}");
+        hb
+    };
+    let before = beat().await["settings_version"].clone();
+    assert_eq!(beat().await["settings_version"], before);
+    assert_eq!(
+        // The database outlives test runs: a value of this run's own.
+        a.admin("PUT", "defaults", Some(&json!({"marker": device.id})))
+            .await
+            .0,
+        200
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while beat().await["settings_version"] == before {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B kept the old settings version"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (s, _) = a
+        .admin(
+            "POST",
+            &format!("devices/{}/commands", device.id),
+            Some(&json!({"kind": "reboot"})),
+        )
+        .await;
+    assert_eq!(s, 201);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while beat().await["pending_commands"] != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "B never counted the command queued on A"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Delivered on B's channel too; left unacknowledged.
+    assert_eq!(
+        ch.next(Duration::from_secs(10)).await.unwrap()["kind"],
+        "reboot"
+    );
+
     // Revoked on A: B closes the channel and refuses the certificate.
     assert_eq!(
         a.admin("POST", &format!("devices/{}/revoke", device.id), None)

@@ -72,7 +72,6 @@ tls = {{ cert = "server.pem", key = "server.key", client_auth = "optional", clie
 [module.devices]
 kind = "devices"
 admin_token = "{ADMIN_TOKEN}"
-heartbeat_flush = "20ms"
 heartbeat_interval = "60s"
 heartbeat_jitter = "30s"
 node = "{node}"

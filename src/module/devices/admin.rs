@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::ca::DeviceCa;
+use super::cache::Scope;
 use super::commands::NewCommand;
 use super::http::*;
 use super::model::*;
@@ -139,7 +140,7 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 .device(id.to_string())
                 .await?
                 .ok_or_else(|| no_device(id))?;
-            let pending = devices.store.pending_count(d.id.clone()).await?;
+            let pending = devices.pending_count(&d.id).await?;
             ok(
                 serde_json::to_value(view(&devices, d, Some(pending), now_ms()))
                     .expect("serializes"),
@@ -154,6 +155,7 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 object(s, "settings")?;
             }
             let d = devices.store.patch_device(id.to_string(), patch).await?;
+            devices.changed(Scope::Device(d.id.clone()));
             ok(serde_json::to_value(view(&devices, d, None, now_ms())).expect("serializes"))
         }
         (["devices", id, "groups"], &Method::PUT) => {
@@ -163,6 +165,7 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 ..Default::default()
             };
             let d = devices.store.patch_device(id.to_string(), patch).await?;
+            devices.changed(Scope::Device(d.id.clone()));
             ok(json!({ "groups": d.groups }))
         }
         (["devices", id, "settings"], &Method::PUT) => {
@@ -173,6 +176,7 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 ..Default::default()
             };
             devices.store.patch_device(id.to_string(), patch).await?;
+            devices.changed(Scope::Device(id.to_string()));
             effective(&devices, id).await
         }
         (["devices", id, "settings"], &Method::GET) => effective(&devices, id).await,
@@ -199,6 +203,7 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
             let settings: Value = read_json(req, limit).await?;
             object(&settings, "defaults")?;
             devices.store.set_defaults(settings.clone()).await?;
+            devices.changed(Scope::AllDevices);
             ok(settings)
         }
         (["groups"], &Method::GET) => ok(json!({ "groups": devices.store.groups().await? })),
@@ -212,10 +217,12 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 settings: g.settings,
             };
             devices.store.put_group(group.clone()).await?;
+            devices.changed(Scope::AllDevices);
             ok(serde_json::to_value(group).expect("serializes"))
         }
         (["groups", name], &Method::DELETE) => {
             devices.store.delete_group(name.to_string()).await?;
+            devices.changed(Scope::AllDevices);
             ok(json!({ "deleted": name }))
         }
         (["users"], &Method::GET) => ok(json!({ "users": devices.store.users().await? })),
@@ -228,10 +235,12 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
                 settings,
             };
             devices.store.put_user(u.clone()).await?;
+            devices.changed(Scope::AllDevices);
             ok(serde_json::to_value(u).expect("serializes"))
         }
         (["users", name], &Method::DELETE) => {
             devices.store.delete_user(name.to_string()).await?;
+            devices.changed(Scope::AllDevices);
             ok(json!({ "deleted": name }))
         }
         (["revocations"], &Method::GET) => {
@@ -367,6 +376,7 @@ async fn import(devices: &Devices, req: Request<Incoming>) -> ApiResult<Response
         "ca_replaced": ca.is_some(),
     });
     devices.store.import(s).await?;
+    devices.cache.clear();
     if let Some(ca) = ca {
         ca.save(&devices.data_dir).map_err(|e| {
             tracing::error!(error = %format!("{e:#}"), "devices: writing the imported CA failed");

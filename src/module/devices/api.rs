@@ -8,6 +8,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::cache::Scope;
 use super::commands::Ack;
 use super::http::*;
 use super::model::now_ms;
@@ -80,45 +81,46 @@ async fn route(
     if !allowed.split(", ").any(|m| m == method.as_str()) {
         return Err(ApiError::method(allowed));
     }
-    let device = devices.authenticate(&ctx).await?;
+    let id = devices.authenticate(&ctx).await?;
 
     match (path.as_slice(), method) {
         (["heartbeat"], _) => {
             // Validate before writing anything.
             let _: Option<HeartbeatRequest> = read_optional_json(req, limit).await?;
-            devices.contacts.record(device.id.clone(), now_ms()).await?;
-            let (settings, pending) =
-                tokio::try_join!(devices.effective_settings(&device.id), async {
-                    Ok(devices.store.pending_count(device.id.clone()).await?)
-                })?;
+            // Answered once the contact is committed; settings and the
+            // pending count come from memory meanwhile (see cache.rs).
+            let (_, settings, pending) = tokio::try_join!(
+                async { Ok(devices.contacts.record(id.to_string(), now_ms()).await?) },
+                devices.effective_settings(&id),
+                devices.pending_count(&id),
+            )?;
             Ok(json(
                 StatusCode::OK,
                 &json!({
-                    "device_id": device.id,
+                    "device_id": &*id,
                     "settings_version": settings.version,
                     "pending_commands": pending,
                     "heartbeat": heartbeat_advice(&devices),
                 }),
             ))
         }
-        (["settings"], _) => {
-            let e = devices.effective_settings(&device.id).await?;
+        (["settings"], _) => settings_answer(&devices, &id).await,
+        (["device"], _) => {
+            let device = devices.store.device(id.to_string()).await?.ok_or_else(|| {
+                ApiError::new(StatusCode::FORBIDDEN, "unknown device certificate")
+            })?;
             Ok(json(
                 StatusCode::OK,
-                &json!({ "version": e.version, "settings": e.settings }),
+                &json!({
+                    "device_id": device.id,
+                    "name": device.name,
+                    "fingerprint": device.fingerprint,
+                    "groups": device.groups,
+                    "session_user": device.session_user,
+                    "enrolled_at": device.enrolled_at,
+                }),
             ))
         }
-        (["device"], _) => Ok(json(
-            StatusCode::OK,
-            &json!({
-                "device_id": device.id,
-                "name": device.name,
-                "fingerprint": device.fingerprint,
-                "groups": device.groups,
-                "session_user": device.session_user,
-                "enrolled_at": device.enrolled_at,
-            }),
-        )),
         (["session"], Method::PUT) => {
             let r: SessionRequest = read_json(req, limit).await?;
             let user = r.user.trim().to_string();
@@ -129,23 +131,25 @@ async fn route(
             }
             devices
                 .store
-                .set_session(device.id.clone(), Some(user))
+                .set_session(id.to_string(), Some(user))
                 .await?;
-            settings_answer(&devices, &device.id).await
+            devices.changed(Scope::Device(id.to_string()));
+            settings_answer(&devices, &id).await
         }
         (["session"], _) => {
-            devices.store.set_session(device.id.clone(), None).await?;
-            settings_answer(&devices, &device.id).await
+            devices.store.set_session(id.to_string(), None).await?;
+            devices.changed(Scope::Device(id.to_string()));
+            settings_answer(&devices, &id).await
         }
         (["commands"], _) => {
-            let pending = devices.store.pending_commands(device.id.clone()).await?;
+            let pending = devices.store.pending_commands(id.to_string()).await?;
             let list: Vec<_> = pending.iter().map(super::ws::command_message).collect();
             Ok(json(StatusCode::OK, &json!({ "commands": list })))
         }
-        (["commands", "ws"], _) => super::ws::upgrade(devices.clone(), req, device),
-        (["commands", id, "ack"], _) => {
+        (["commands", "ws"], _) => super::ws::upgrade(devices.clone(), req, id),
+        (["commands", cid, "ack"], _) => {
             let ack: Ack = read_json(req, limit).await?;
-            let c = devices.ack_command(&device.id, id, ack).await?;
+            let c = devices.ack_command(&id, cid, ack).await?;
             Ok(json(
                 StatusCode::OK,
                 &json!({ "id": c.id, "acked_at": c.acked_at, "status": c.status }),

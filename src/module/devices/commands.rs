@@ -3,9 +3,12 @@
 //! Commands live in the store until acknowledged, so a device that was
 //! offline, or a balancer that restarted, loses none.
 
+use std::sync::Arc;
+
 use serde::Deserialize;
 use serde_json::Value;
 
+use super::cache::Scope;
 use super::http::{ApiError, ApiResult};
 use super::model::*;
 use super::service::Devices;
@@ -73,7 +76,7 @@ impl Devices {
             // a fetch it already made.
             let e = self.effective_settings(device_id).await?;
             if let Value::Object(p) = &mut payload {
-                p.insert("settings_version".into(), Value::String(e.version));
+                p.insert("settings_version".into(), Value::String(e.version.clone()));
             }
         }
         let command = Command {
@@ -88,6 +91,7 @@ impl Devices {
             result: None,
         };
         let command = self.store.queue_command(command).await?;
+        self.changed(Scope::Device(device_id.to_string()));
         self.hub.poke(device_id);
         self.publish(StoreEvent::CommandQueued {
             device_id: device_id.to_string(),
@@ -105,7 +109,7 @@ impl Devices {
         if !matches!(ack.status.as_str(), "ok" | "failed") {
             return Err(ApiError::bad_request("status must be \"ok\" or \"failed\""));
         }
-        Ok(self
+        let c = self
             .store
             .ack_command(
                 device_id.to_string(),
@@ -114,12 +118,33 @@ impl Devices {
                 ack.result,
                 now_ms(),
             )
-            .await?)
+            .await?;
+        self.changed(Scope::Device(device_id.to_string()));
+        Ok(c)
     }
 
-    pub async fn effective_settings(&self, device_id: &str) -> ApiResult<Effective> {
+    /// The device's effective settings, from memory when nothing they
+    /// depend on changed since they were read (see cache.rs).
+    pub async fn effective_settings(&self, device_id: &str) -> ApiResult<Arc<Effective>> {
+        if let Some(e) = self.cache.settings(device_id) {
+            return Ok(e);
+        }
+        let ticket = self.cache.ticket();
         let inputs = self.store.settings_inputs(device_id.to_string()).await?;
-        Ok(settings::effective(&inputs))
+        let e = Arc::new(settings::effective(&inputs));
+        Ok(self.cache.put_settings(ticket, device_id, e))
+    }
+
+    /// How many commands wait for the device's acknowledgement, from
+    /// memory like the settings (queueing and acknowledging drop it).
+    pub async fn pending_count(&self, device_id: &str) -> ApiResult<i64> {
+        if let Some(n) = self.cache.pending(device_id) {
+            return Ok(n);
+        }
+        let ticket = self.cache.ticket();
+        let n = self.store.pending_count(device_id.to_string()).await?;
+        self.cache.put_pending(ticket, device_id, n);
+        Ok(n)
     }
 }
 

@@ -27,12 +27,22 @@ pub struct DevicesConfig {
     /// so that a fleet switched on at 8:00 does not call in at 8:00.
     #[serde(default = "default_jitter", with = "humantime_serde_compat")]
     pub heartbeat_jitter: Duration,
-    /// Longest a last-contact update waits to be written with others.
-    #[serde(default = "default_flush", with = "humantime_serde_compat")]
+    /// Extra time a last-contact update may wait to be written with others.
+    /// 0 (the default): group commit only, each transaction takes what
+    /// queued while the previous one ran (see heartbeat.rs). Older configs
+    /// set 50ms, which still works but adds up to that to every heartbeat.
+    #[serde(default, with = "humantime_serde_compat")]
     pub heartbeat_flush: Duration,
     /// Most last-contact updates written in one transaction.
     #[serde(default = "default_batch")]
     pub heartbeat_batch: usize,
+    /// Longest the device API reuses what it keeps in memory for the
+    /// heartbeat (the device behind a certificate, effective settings,
+    /// pending-command count). Changes drop these at once, on every
+    /// balancer sharing the store (see cache.rs); this only bounds the
+    /// staleness a lost notification could cause. 0 disables the cache.
+    #[serde(default = "default_cache_ttl", with = "humantime_serde_compat")]
+    pub cache_ttl: Duration,
     /// A device counts as online if it was heard from within
     /// interval + jitter + this.
     #[serde(default = "default_grace", with = "humantime_serde_compat")]
@@ -117,8 +127,8 @@ fn default_interval() -> Duration {
 fn default_jitter() -> Duration {
     Duration::from_secs(600)
 }
-fn default_flush() -> Duration {
-    Duration::from_millis(50)
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(600)
 }
 fn default_batch() -> usize {
     1000

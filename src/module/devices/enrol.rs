@@ -2,6 +2,7 @@
 //! token and a CSR for a client certificate, and from then on is known by
 //! that certificate's fingerprint.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -142,9 +143,13 @@ impl Devices {
         })
     }
 
-    /// The device behind the request's verified client certificate: 401
-    /// without one, 403 when it is unknown or revoked.
-    pub async fn authenticate(&self, ctx: &RequestContext) -> ApiResult<Device> {
+    /// The id of the device behind the request's verified client
+    /// certificate: 401 without one, 403 when it is unknown or revoked.
+    /// Served from memory after the first request: revocation is checked
+    /// against the in-memory list (kept current by `mark_revoked`, here and
+    /// through the store's events), and certificates of devices that an
+    /// import removed are dropped with the whole cache.
+    pub async fn authenticate(&self, ctx: &RequestContext) -> ApiResult<Arc<str>> {
         let Some(cert) = &ctx.client_cert else {
             return Err(ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -157,6 +162,10 @@ impl Devices {
                 "device certificate revoked",
             ));
         }
+        if let Some(id) = self.cache.device_id(&cert.sha256) {
+            return Ok(id);
+        }
+        let ticket = self.cache.ticket();
         match self
             .store
             .device_by_fingerprint(cert.sha256.clone())
@@ -167,12 +176,16 @@ impl Devices {
                 "unknown device certificate",
             )),
             // The stored flag is authoritative (another balancer may have
-            // revoked it a moment ago).
+            // revoked it a moment ago, and its event not arrived yet).
             Some(d) if d.revoked_at.is_some() => Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "device certificate revoked",
             )),
-            Some(d) => Ok(d),
+            Some(d) => {
+                let id: Arc<str> = d.id.into();
+                self.cache.put_device_id(ticket, &cert.sha256, id.clone());
+                Ok(id)
+            }
         }
     }
 

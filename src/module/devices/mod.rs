@@ -17,6 +17,7 @@
 pub mod admin;
 pub mod api;
 pub mod ca;
+pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod enrol;

@@ -10,6 +10,7 @@ use std::sync::{Arc, RwLock};
 use anyhow::Context;
 
 use super::ca::DeviceCa;
+use super::cache::{Cache, Scope};
 use super::config::{DevicesConfig, StoreConfig};
 use super::files;
 use super::heartbeat::ContactWriter;
@@ -32,6 +33,8 @@ pub struct Devices {
     pub(crate) admin_token: String,
     pub(crate) contacts: ContactWriter,
     pub(crate) hub: Hub,
+    /// The heartbeat's answers kept in memory (see cache.rs).
+    pub(crate) cache: Cache,
     /// Revoked device certificates, for the TLS layer to consult at the
     /// handshake (see `crate::tls::revocation`).
     pub revocations: RevocationList,
@@ -82,6 +85,7 @@ impl Devices {
             admin_token,
             contacts,
             hub: Hub::default(),
+            cache: Cache::new(config.cache_ttl),
             revocations,
             revoked: RwLock::new(HashSet::new()),
             node,
@@ -151,17 +155,34 @@ impl Devices {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(fingerprint.to_string());
+        self.cache.forget_fingerprint(fingerprint);
         self.hub.close(device_id, "device revoked");
+    }
+
+    /// A change on this balancer was committed: drop the cached answers it
+    /// affects before the change is acknowledged, so that the next request
+    /// sees it. Other balancers learn it from the store (PostgreSQL sends
+    /// `StoreEvent::Changed` in the changing transaction).
+    pub(crate) fn changed(&self, scope: Scope) {
+        self.cache.invalidate(&scope);
     }
 
     async fn on_event(&self, ev: StoreEvent) {
         match ev {
-            StoreEvent::CommandQueued { device_id } => self.hub.poke(&device_id),
+            StoreEvent::CommandQueued { device_id } => {
+                self.cache.invalidate(&Scope::Device(device_id.clone()));
+                self.hub.poke(&device_id);
+            }
+            StoreEvent::Changed { device_id } => self.cache.invalidate(&match device_id {
+                Some(id) => Scope::Device(id),
+                None => Scope::AllDevices,
+            }),
             StoreEvent::DeviceRevoked {
                 device_id,
                 fingerprint,
             } => self.mark_revoked(&device_id, &fingerprint),
             StoreEvent::Resync => {
+                self.cache.clear();
                 if let Err(e) = self.reload_revocations().await {
                     tracing::warn!(error = %e, "devices: reloading revocations failed");
                 }

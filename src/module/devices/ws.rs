@@ -29,7 +29,7 @@ use tokio_tungstenite::WebSocketStream;
 use super::commands::Ack;
 use super::http::{full, ApiError, ApiResult};
 use super::hub::ChannelMsg;
-use super::model::{now_ms, Command, Device};
+use super::model::{now_ms, Command};
 use super::service::Devices;
 use crate::module::Body;
 
@@ -67,7 +67,9 @@ fn header_has(req: &Request<Incoming>, name: hyper::header::HeaderName, token: &
 pub fn upgrade(
     devices: Arc<Devices>,
     mut req: Request<Incoming>,
-    device: Device,
+    // Only the id: an idle channel holds this for hours, the whole record
+    // (certificate PEM included) would cost a couple of KiB each.
+    id: Arc<str>,
 ) -> ApiResult<Response<Body>> {
     if !header_has(&req, UPGRADE, "websocket") || !header_has(&req, CONNECTION, "upgrade") {
         return Err(ApiError::new(
@@ -102,9 +104,9 @@ pub fn upgrade(
                     Some(config),
                 )
                 .await;
-                run(devices, device, ws).await;
+                run(devices, id, ws).await;
             }
-            Err(e) => tracing::debug!(device = %device.id, error = %e, "devices: upgrade failed"),
+            Err(e) => tracing::debug!(device = %id, error = %e, "devices: upgrade failed"),
         }
     });
     let mut r = Response::new(full(""));
@@ -121,16 +123,23 @@ pub fn upgrade(
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
-async fn run(devices: Arc<Devices>, device: Device, mut ws: Ws) {
-    let id = device.id.clone();
+async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
+    let id = id.to_string();
     let (conn, mut rx) = devices.hub.register(&id);
-    if let Err(e) = devices
-        .store
-        .set_channel(id.clone(), devices.node.clone(), true)
-        .await
-    {
-        tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
-    }
+    // Recorded beside the channel rather than before it: when thousands of
+    // devices reconnect at once these commits queue, and a channel waiting
+    // for its turn would hold its connection's handshake buffers (hyper's
+    // read buffer is released at the WebSocket's first read) meanwhile.
+    // Delivery does not depend on it: pokes reach the local hub directly.
+    let recording = {
+        let (devices, id) = (devices.clone(), id.clone());
+        tokio::spawn(async move {
+            let node = devices.node.clone();
+            if let Err(e) = devices.store.set_channel(id.clone(), node, true).await {
+                tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
+            }
+        })
+    };
     devices.contacts.record_soon(id.clone(), now_ms());
     tracing::debug!(device = %id, "devices: command channel open");
 
@@ -190,6 +199,8 @@ async fn run(devices: Arc<Devices>, device: Device, mut ws: Ws) {
         },
     };
     devices.hub.unregister(&id, conn);
+    // Cleared only after it was set, or the stale node would stay.
+    let _ = recording.await;
     if let Err(e) = devices
         .store
         .set_channel(id.clone(), devices.node.clone(), false)

@@ -49,6 +49,10 @@ pub enum StoreEvent {
         device_id: String,
         fingerprint: String,
     },
+    /// What a device's effective settings or pending commands depend on
+    /// changed (`None`: possibly every device's, e.g. the defaults): drop
+    /// cached answers (see cache.rs).
+    Changed { device_id: Option<String> },
     /// Reload derived state (revocations) and re-check every open channel:
     /// the data set was replaced by an import, or events may have been
     /// missed while the notification connection was down.
@@ -65,6 +69,10 @@ impl StoreEvent {
                 device_id,
                 fingerprint,
             } => format!("rev {device_id} {fingerprint}"),
+            StoreEvent::Changed {
+                device_id: Some(id),
+            } => format!("chg {id}"),
+            StoreEvent::Changed { device_id: None } => "chg".to_string(),
             StoreEvent::Resync => "resync".to_string(),
         }
     }
@@ -78,6 +86,9 @@ impl StoreEvent {
             ("rev", Some(id), Some(fp)) => Some(StoreEvent::DeviceRevoked {
                 device_id: id.to_string(),
                 fingerprint: fp.to_string(),
+            }),
+            ("chg", id, None) => Some(StoreEvent::Changed {
+                device_id: id.map(str::to_string),
             }),
             ("resync", None, None) => Some(StoreEvent::Resync),
             _ => None,
@@ -177,7 +188,11 @@ pub trait Store: Send + Sync + 'static {
     /// Replace all data with the snapshot's, in one transaction.
     fn import(&self, snapshot: Snapshot) -> BoxFuture<'_, StoreResult<()>>;
 
-    // Between balancers.
+    // Between balancers. Besides what callers publish, a shared store
+    // sends `StoreEvent::Changed` itself, in the same transaction, from
+    // every method that changes effective settings or acknowledges a
+    // command (set_defaults, put/delete group and user, patch_device,
+    // set_session, queue_command, ack_command).
     /// Tell the other balancers sharing this store (no-op when none can).
     fn publish(&self, _event: StoreEvent) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(async { Ok(()) })

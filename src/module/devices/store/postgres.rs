@@ -450,6 +450,19 @@ async fn read_tokens(tx: &Transaction<'_>) -> StoreResult<Vec<EnrolToken>> {
         .collect()
 }
 
+/// Tell the other balancers, as part of the transaction: PostgreSQL
+/// delivers the notification if and only if the change commits, so a
+/// balancer dying between its commit and a separate NOTIFY cannot leave the
+/// others' caches stale (see cache.rs).
+async fn notify_changed(tx: &Transaction<'_>, device_id: Option<&str>) -> StoreResult<()> {
+    let ev = StoreEvent::Changed {
+        device_id: device_id.map(str::to_string),
+    };
+    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &ev.encode()])
+        .await?;
+    Ok(())
+}
+
 fn not_found<T>(what: String) -> StoreResult<T> {
     Err(StoreError::NotFound(what))
 }
@@ -616,6 +629,7 @@ impl Store for PgStore {
             if let Some(groups) = &patch.groups {
                 set_members(&tx, &id, groups).await?;
             }
+            notify_changed(&tx, Some(&id)).await?;
             match load_device(&tx, &id).await? {
                 Some(d) => d,
                 None => return not_found(format!("no device {id:?}")),
@@ -688,6 +702,7 @@ impl Store for PgStore {
             if n == 0 {
                 return not_found(format!("no device {device_id:?}"));
             }
+            notify_changed(&tx, Some(&device_id)).await?;
         })
     }
 
@@ -720,6 +735,7 @@ impl Store for PgStore {
                 &[&settings.to_string()],
             )
             .await?;
+            notify_changed(&tx, None).await?;
         })
     }
 
@@ -735,16 +751,20 @@ impl Store for PgStore {
                 &[&g.name, &g.priority, &g.settings.to_string()],
             )
             .await?;
+            notify_changed(&tx, None).await?;
         })
     }
 
     fn delete_group(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
-        in_tx!(self, |tx| if tx
-            .execute("DELETE FROM dev_groups WHERE name = $1", &[&name])
-            .await?
-            == 0
-        {
-            return not_found(format!("no group {name:?}"));
+        in_tx!(self, |tx| {
+            if tx
+                .execute("DELETE FROM dev_groups WHERE name = $1", &[&name])
+                .await?
+                == 0
+            {
+                return not_found(format!("no group {name:?}"));
+            }
+            notify_changed(&tx, None).await?;
         })
     }
 
@@ -760,16 +780,20 @@ impl Store for PgStore {
                 &[&u.name, &u.settings.to_string()],
             )
             .await?;
+            notify_changed(&tx, None).await?;
         })
     }
 
     fn delete_user(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
-        in_tx!(self, |tx| if tx
-            .execute("DELETE FROM dev_users WHERE name = $1", &[&name])
-            .await?
-            == 0
-        {
-            return not_found(format!("no user {name:?}"));
+        in_tx!(self, |tx| {
+            if tx
+                .execute("DELETE FROM dev_users WHERE name = $1", &[&name])
+                .await?
+                == 0
+            {
+                return not_found(format!("no user {name:?}"));
+            }
+            notify_changed(&tx, None).await?;
         })
     }
 
@@ -843,6 +867,7 @@ impl Store for PgStore {
                     &[&c.id, &c.device_id, &c.kind.as_str(), &payload, &c.created_at],
                 )
                 .await?;
+            notify_changed(&tx, Some(&c.device_id)).await?;
             Command {
                 seq: row.try_get(0)?,
                 ..c
@@ -889,6 +914,7 @@ impl Store for PgStore {
                 &[&command_id, &device_id, &now, &status, &result.to_string()],
             )
             .await?;
+            notify_changed(&tx, Some(&device_id)).await?;
             let sql = format!(
                 "SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE id = $1 AND device_id = $2"
             );

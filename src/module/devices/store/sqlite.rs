@@ -4,10 +4,25 @@
 //! FULL` makes a commit survive power loss, not just a killed process.
 //! rusqlite is blocking, so every call runs on Tokio's blocking pool. One
 //! connection writes (SQLite allows one writer at a time anyway: queueing
-//! on a mutex is cheaper than `SQLITE_BUSY` retries), a few others read.
+//! is cheaper than `SQLITE_BUSY` retries), a few others read. Calls queue
+//! for a connection *before* taking a blocking thread (an async semaphore
+//! per kind): a burst of writes (thousands of channels opening at once)
+//! then waits as cheap futures in order, instead of parking hundreds of
+//! blocking-pool threads on a mutex, each with its own stack.
+//!
+//! WAL checkpoints run on a connection and thread of their own
+//! ([`Checkpointer`]), never inside a commit: the writer's automatic
+//! checkpoint is switched off (`wal_autocheckpoint = 0`), and a passive
+//! checkpoint runs every `CHECKPOINT_EVERY` after writes. A passive
+//! checkpoint takes no lock that commits need; a commit is durable once its
+//! WAL frames are synced, whenever the checkpoint copies them.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
 use serde_json::Value;
@@ -17,6 +32,9 @@ use crate::module::devices::model::*;
 use crate::module::BoxFuture;
 
 const READERS: usize = 4;
+
+/// How often the checkpointer looks for new WAL frames to copy back.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS dev_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,6 +93,58 @@ const COMMAND_COLUMNS: &str =
 struct Inner {
     writer: Mutex<Connection>,
     readers: Vec<Mutex<Connection>>,
+    /// One permit per connection: taken before a blocking thread is.
+    write_gate: Arc<Semaphore>,
+    read_gate: Arc<Semaphore>,
+    /// Committed write transactions, for the checkpointer.
+    commits: Arc<AtomicU64>,
+    checkpointer: Checkpointer,
+}
+
+/// Copies committed WAL frames into the database file, on its own thread
+/// and connection, off every commit's path. The thread ends with the store.
+struct Checkpointer {
+    /// Passive checkpoints run (tests look at it).
+    done: Arc<AtomicU64>,
+    /// Dropped with the store, which wakes and ends the thread.
+    _stop: std::sync::mpsc::Sender<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path, commits: Arc<AtomicU64>) -> StoreResult<Checkpointer> {
+        let conn = open(path)?;
+        let done = Arc::new(AtomicU64::new(0));
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let counter = done.clone();
+        std::thread::Builder::new()
+            .name("devices-checkpoint".into())
+            .spawn(move || {
+                let mut seen = 0;
+                // Err(Timeout) is the tick; anything else means the store
+                // is gone.
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(CHECKPOINT_EVERY)
+                {
+                    let now = commits.load(Ordering::Relaxed);
+                    if now == seen {
+                        continue;
+                    }
+                    seen = now;
+                    // PASSIVE: copy what no reader still needs, wait for
+                    // nobody. Busy or not, the next tick tries again.
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Ok(()) => {
+                            counter.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "devices: WAL checkpoint failed"),
+                    }
+                }
+                // A last one, so that a clean stop leaves a short WAL.
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+            })
+            .map_err(|e| StoreError::Backend(format!("starting the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { done, _stop: stop })
+    }
 }
 
 #[derive(Clone)]
@@ -100,6 +170,8 @@ fn open(path: &Path) -> StoreResult<Connection> {
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "FULL")?;
     c.pragma_update(None, "foreign_keys", "ON")?;
+    // Checkpoints are the checkpointer's job, never a commit's.
+    c.pragma_update(None, "wal_autocheckpoint", 0)?;
     Ok(c)
 }
 
@@ -112,12 +184,29 @@ impl SqliteStore {
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
             .collect::<StoreResult<Vec<_>>>()?;
+        let commits = Arc::new(AtomicU64::new(0));
+        let checkpointer = Checkpointer::start(path, commits.clone())?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 writer: Mutex::new(writer),
                 readers,
+                write_gate: Arc::new(Semaphore::new(1)),
+                read_gate: Arc::new(Semaphore::new(READERS)),
+                commits,
+                checkpointer,
             }),
         })
+    }
+
+    /// Passive checkpoints run so far by the background checkpointer.
+    pub fn checkpoints(&self) -> u64 {
+        self.inner.checkpointer.done.load(Ordering::Relaxed)
+    }
+
+    /// The writer connection's `wal_autocheckpoint` (0: never in a commit).
+    pub fn writer_autocheckpoint(&self) -> StoreResult<i64> {
+        let conn = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?)
     }
 
     /// Run `f` in one transaction on the writer connection.
@@ -127,7 +216,11 @@ impl SqliteStore {
     ) -> BoxFuture<'static, StoreResult<R>> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            let permit = acquire(&inner.write_gate).await?;
             tokio::task::spawn_blocking(move || {
+                // Held until the transaction is over, even if the caller
+                // stopped waiting for it.
+                let _permit = permit;
                 let mut conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
                 // IMMEDIATE takes the write lock up front: no upgrade
                 // deadlock between a read and a later write in one call.
@@ -135,6 +228,7 @@ impl SqliteStore {
                     conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
                 let r = f(&tx)?;
                 tx.commit()?;
+                inner.commits.fetch_add(1, Ordering::Relaxed);
                 Ok(r)
             })
             .await
@@ -150,9 +244,12 @@ impl SqliteStore {
     ) -> BoxFuture<'static, StoreResult<R>> {
         let inner = self.inner.clone();
         Box::pin(async move {
+            let permit = acquire(&inner.read_gate).await?;
             tokio::task::spawn_blocking(move || {
-                // Take a free reader if there is one, else wait on one
-                // chosen at random to spread the waiting.
+                let _permit = permit;
+                // With a permit one reader is free (a guard is dropped
+                // before its permit); waiting on one at random is only a
+                // fallback.
                 let mut conn = inner
                     .readers
                     .iter()
@@ -170,6 +267,13 @@ impl SqliteStore {
             .map_err(|e| StoreError::Backend(format!("sqlite task: {e}")))?
         })
     }
+}
+
+async fn acquire(gate: &Arc<Semaphore>) -> StoreResult<tokio::sync::OwnedSemaphorePermit> {
+    gate.clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| StoreError::Backend("sqlite store closed".into()))
 }
 
 fn device_row(r: &Row) -> rusqlite::Result<(Device, String)> {
@@ -897,5 +1001,70 @@ mod tests {
             .query_row("PRAGMA journal_mode", [], |r| r.get(0))
             .unwrap();
         assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_burst_of_writes_waits_without_blocking_threads() {
+        // Tokio names its blocking threads like its workers.
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("sqlite-gate-tst")
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("devices.db")).unwrap();
+        rt.block_on(async {
+            let tasks: Vec<_> = (0..300)
+                .map(|i| {
+                    let s = store.clone();
+                    tokio::spawn(async move {
+                        s.set_defaults(serde_json::json!({ "n": i })).await.unwrap();
+                        s.defaults().await.unwrap();
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.unwrap();
+            }
+        });
+        // Idle blocking threads linger (10 s): what is alive now is what
+        // the burst took. Ungated, every queued write held a thread.
+        let threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|t| std::fs::read_to_string(t.unwrap().path().join("comm")).ok())
+            .filter(|name| name.trim() == "sqlite-gate-tst")
+            .count();
+        assert!(threads <= 1 + 1 + READERS + 2, "{threads} threads");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn checkpoints_run_beside_commits_not_in_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("devices.db");
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.writer_autocheckpoint().unwrap(), 0);
+        for i in 0..50 {
+            store
+                .set_defaults(serde_json::json!({ "n": i }))
+                .await
+                .unwrap();
+        }
+        let started = std::time::Instant::now();
+        while store.checkpoints() == 0 {
+            assert!(started.elapsed() < Duration::from_secs(5), "no checkpoint");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Everything committed so far is in the database file: a checkpoint
+        // from elsewhere finds no frame left to copy.
+        tokio::time::sleep(CHECKPOINT_EVERY * 2).await;
+        let other = Connection::open(&path).unwrap();
+        let (busy, log, copied): (i64, i64, i64) = other
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .unwrap();
+        assert_eq!((busy, log), (0, copied));
+        assert!(log > 0, "the WAL was written");
     }
 }
