@@ -91,6 +91,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
     );
     let conn = Arc::new(ConnInfo {
         peer,
+        peer_value: super::headers::peer_value(peer.ip()),
         listener: listener.to_string(),
         sni: session.server_name().map(str::to_string),
         alpn,

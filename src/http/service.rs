@@ -150,7 +150,8 @@ async fn proxy(
         }
     }
     let peer = conn.peer.ip();
-    headers::set_forwarded(&mut parts.headers, peer, offload.http.trusts(peer), host);
+    let trusted = offload.http.trusts(peer);
+    headers::set_forwarded(&mut parts.headers, &conn.peer_value, trusted, host);
     if !parts.headers.contains_key(HOST) {
         // HTTP/2 carries the host in :authority; HTTP/1.1 needs Host.
         if let Some(v) = parts
@@ -161,13 +162,18 @@ async fn proxy(
             parts.headers.insert(HOST, v);
         }
     }
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse()
-        .unwrap_or_default();
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute form (HTTP/2, or a proxy-style HTTP/1.1 request): the
+        // backend gets the origin form. An HTTP/1.1 request in origin form
+        // is left as it is, without a copy.
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = None;
+        uri.authority = None;
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = hyper::Uri::from_parts(uri).unwrap_or_default();
+    }
     parts.version = Version::HTTP_11;
 
     // A request without a body can be sent again if a reused keep-alive
