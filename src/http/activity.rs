@@ -47,6 +47,11 @@ impl Activity {
             && !self.pinned.load(Relaxed)
     }
 
+    /// Requests started on the current hyper connection so far.
+    pub fn started(&self) -> usize {
+        self.started.load(Relaxed)
+    }
+
     pub fn set_parking(&self, on: bool) {
         self.parking.store(on, Relaxed);
     }

@@ -45,6 +45,8 @@ impl ClientCert {
 #[derive(Debug)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// `peer`'s address as an X-Forwarded-For value.
+    pub peer_value: HeaderValue,
     pub listener: String,
     pub sni: Option<String>,
     pub alpn: Option<Vec<u8>>,

@@ -78,29 +78,26 @@ impl RoutePlan {
 /// The host a request is for, lowercase and without port: HTTP/2's
 /// `:authority`, else the `Host` header.
 pub fn request_host<B>(req: &hyper::Request<B>) -> String {
-    let raw = req
-        .uri()
-        .authority()
-        .map(|a| a.host().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(hyper::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(strip_port)
-        })
-        .unwrap_or_default();
+    // Borrowed until the one lowercase copy.
+    let raw = match req.uri().authority() {
+        Some(a) => a.host(),
+        None => req
+            .headers()
+            .get(hyper::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map_or("", strip_port),
+    };
     raw.to_ascii_lowercase()
 }
 
-fn strip_port(h: &str) -> String {
+fn strip_port(h: &str) -> &str {
     if let Some(rest) = h.strip_prefix('[') {
         // [v6]:port
-        return rest.split(']').next().unwrap_or("").to_string();
+        return rest.split(']').next().unwrap_or("");
     }
     h.rsplit_once(':')
         .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
         .map_or(h, |(host, _)| host)
-        .to_string()
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Duration, Instant, Sleep};
 
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
@@ -90,6 +91,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
     );
     let conn = Arc::new(ConnInfo {
         peer,
+        peer_value: super::headers::peer_value(peer.ip()),
         listener: listener.to_string(),
         sni: session.server_name().map(str::to_string),
         alpn,
@@ -160,9 +162,32 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
                 .with_upgrades(),
         );
         let mut parking = false;
+        // Set when hyper went idle, for the request count it went idle at.
+        let mut grace: Option<(Pin<Box<Sleep>>, usize)> = None;
         poll_fn(|cx| loop {
             match Pin::new(&mut *conn).poll(cx) {
                 Poll::Pending if !parking && activity.can_park() => {
+                    // A busy client sends its next request within a round
+                    // trip: putting hyper away at once would free and
+                    // rebuild its buffers on every request. So it is put
+                    // away only after PARK_AFTER without a next request.
+                    let served = activity.started();
+                    let deadline = Instant::now() + PARK_AFTER;
+                    match &mut grace {
+                        Some((sleep, at)) if *at != served => {
+                            sleep.as_mut().reset(deadline);
+                            *at = served;
+                        }
+                        Some(_) => {}
+                        None => {
+                            grace = Some((Box::pin(tokio::time::sleep_until(deadline)), served))
+                        }
+                    }
+                    if let Some((sleep, _)) = &mut grace {
+                        if sleep.as_mut().poll(cx).is_pending() {
+                            return Poll::Pending;
+                        }
+                    }
                     // hyper is idle, so this closes it without touching
                     // a message; `Io` keeps the stream open meanwhile.
                     parking = true;
@@ -173,6 +198,7 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
             }
         })
         .await?;
+        drop(grace);
         activity.set_parking(false);
         if !parking {
             return Ok(()); // closed by either side
@@ -202,6 +228,11 @@ fn has_pending_input(tls: &mut Tls) -> bool {
 }
 
 type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// How long hyper stays set up on an HTTP/1 connection after a response
+/// before it is put away: longer than a busy client's round trip, short
+/// next to the pauses of a device that polls every few seconds.
+const PARK_AFTER: Duration = Duration::from_millis(50);
 
 /// The TLS stream as hyper's HTTP/1 connection sees it: bytes left over
 /// from the previous hyper connection come first; writes and flushes are

@@ -106,6 +106,24 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// A reused connection idle this long may be closed by its backend while
+/// a request is being written to it; common servers' keep-alive timeouts
+/// are several seconds (nginx 75 s, Apache and Node.js 5 s).
+const RACY_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A body-less copy of a request's head, to send it again.
+fn copy_head<B>(req: &Request<B>) -> Request<Body> {
+    let mut copy = Request::new(
+        Empty::<Bytes>::new()
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.headers_mut() = req.headers().clone();
+    copy
+}
+
 async fn proxy(
     offload: &Offload,
     route: &RouteRuntime,
@@ -132,7 +150,8 @@ async fn proxy(
         }
     }
     let peer = conn.peer.ip();
-    headers::set_forwarded(&mut parts.headers, peer, offload.http.trusts(peer), host);
+    let trusted = offload.http.trusts(peer);
+    headers::set_forwarded(&mut parts.headers, &conn.peer_value, trusted, host);
     if !parts.headers.contains_key(HOST) {
         // HTTP/2 carries the host in :authority; HTTP/1.1 needs Host.
         if let Some(v) = parts
@@ -143,30 +162,28 @@ async fn proxy(
             parts.headers.insert(HOST, v);
         }
     }
-    parts.uri = parts
-        .uri
-        .path_and_query()
-        .map(|pq| pq.as_str())
-        .unwrap_or("/")
-        .parse()
-        .unwrap_or_default();
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        // Absolute form (HTTP/2, or a proxy-style HTTP/1.1 request): the
+        // backend gets the origin form. An HTTP/1.1 request in origin form
+        // is left as it is, without a copy.
+        let mut uri = std::mem::take(&mut parts.uri).into_parts();
+        uri.scheme = None;
+        uri.authority = None;
+        if uri.path_and_query.is_none() {
+            uri.path_and_query = Some(hyper::http::uri::PathAndQuery::from_static("/"));
+        }
+        parts.uri = hyper::Uri::from_parts(uri).unwrap_or_default();
+    }
     parts.version = Version::HTTP_11;
 
     // A request without a body can be sent again if a reused keep-alive
     // connection turns out to have been closed by the backend.
     let resendable = body.is_end_stream() && idempotent(&parts.method);
-    let template = resendable.then(|| {
-        (
-            parts.method.clone(),
-            parts.uri.clone(),
-            parts.headers.clone(),
-        )
-    });
     let body = WatchedBody {
         inner: body,
         watch: body_watch,
     };
-    let request = Request::from_parts(parts, body.boxed());
+    let mut request = Request::from_parts(parts, body.boxed());
 
     let mut checkout = match up.checkout(peer, upgrade, upgrade).await {
         Ok(c) => c,
@@ -182,31 +199,43 @@ async fn proxy(
     let backend = up.pool.members[checkout.index].backend.clone();
     let _open = backend.track();
     let timeout = offload.http.response_timeout;
-    let mut result = tokio::time::timeout(timeout, checkout.sender.send_request(request)).await;
-    if let (Ok(Err(e)), true, Some((method, uri, headers))) = (&result, checkout.reused, template) {
-        if e.is_canceled() || e.is_incomplete_message() {
-            tracing::debug!(backend = %backend.addr, "reused connection was closed by the backend; resending on a new one");
-            let mut again = Request::new(
-                Empty::<Bytes>::new()
-                    .map_err(|never| match never {})
-                    .boxed(),
-            );
-            *again.method_mut() = method;
-            *again.uri_mut() = uri;
-            *again.headers_mut() = headers;
-            match up.checkout(peer, true, false).await {
-                Ok(c) => {
-                    checkout = c;
-                    result =
-                        tokio::time::timeout(timeout, checkout.sender.send_request(again)).await;
+    // hyper hands back a request it did not start writing (the connection
+    // was found closed first), so that case needs no copy. A copy is kept
+    // only for the race where the backend closes a connection while the
+    // request is on its way: that happens to a connection that sat idle
+    // about as long as the backend's keep-alive timeout, not to one given
+    // back a moment ago, and copying every request's headers for it cost
+    // an allocation per header map.
+    let template = match checkout.idled {
+        Some(idled) if resendable && idled >= RACY_IDLE => Some(copy_head(&request)),
+        _ => None,
+    };
+    let result = loop {
+        let sent = tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await;
+        let again = match sent {
+            Ok(Err(mut e)) if checkout.idled.is_some() => match e.take_message() {
+                Some(unsent) => unsent,
+                None => {
+                    let closed = e.error().is_canceled() || e.error().is_incomplete_message();
+                    match &template {
+                        Some(t) if closed => copy_head(t),
+                        _ => break Ok(Err(e.into_error())),
+                    }
                 }
-                Err(_) => {
-                    offload.metrics.upstream_failed.inc();
-                    return error(StatusCode::BAD_GATEWAY, "backend unreachable\n");
-                }
+            },
+            Ok(r) => break Ok(r.map_err(|e| e.into_error())),
+            Err(elapsed) => break Err(elapsed),
+        };
+        tracing::debug!(backend = %backend.addr, "reused connection was closed by the backend; resending on a new one");
+        match up.checkout(peer, true, false).await {
+            Ok(c) => checkout = c,
+            Err(_) => {
+                offload.metrics.upstream_failed.inc();
+                return error(StatusCode::BAD_GATEWAY, "backend unreachable\n");
             }
         }
-    }
+        request = again;
+    };
     let mut resp = match result {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
@@ -246,6 +275,6 @@ async fn proxy(
         // A refused upgrade: the connection was opened for it alone.
         return Response::from_parts(parts, body.boxed());
     }
-    let body = PooledBody::new(body, up.clone(), checkout.index, checkout.sender);
+    let body = PooledBody::new(body, up.clone(), checkout);
     Response::from_parts(parts, body.boxed())
 }

@@ -1,10 +1,22 @@
 //! Connections from the offload proxy to a pool's backends: HTTP/1.1,
-//! plain or re-encrypted TLS, kept alive and reused per backend.
+//! plain or re-encrypted TLS, kept alive and reused per backend and per
+//! worker thread.
+//!
+//! Why per thread: a backend connection is a hyper task spawned on the
+//! runtime of the worker that opened it. Reused by a request on another
+//! worker, every request and response would cross threads (a futex wake
+//! each way, and the cache lines of both tasks), which costs as much as
+//! the proxying itself. So idle connections wait in a thread-local list
+//! and are taken only by requests on their own thread, as nginx keeps its
+//! upstream keep-alive cache per worker process.
 
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
+use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use http_body_util::combinators::BoxBody;
@@ -24,11 +36,30 @@ struct IdleConn {
     since: Instant,
 }
 
+/// One upstream's idle connections on one thread.
+struct ThreadIdle {
+    upstream: u64,
+    /// Dead once the upstream is dropped (a reload): the entry and its
+    /// connections are then dropped by the next look at this thread's list.
+    alive: Weak<()>,
+    /// By pool member index.
+    by_member: Vec<Vec<IdleConn>>,
+}
+
+thread_local! {
+    /// This thread's idle backend connections, for every upstream.
+    static IDLE: RefCell<Vec<ThreadIdle>> = const { RefCell::new(Vec::new()) };
+}
+
+static NEXT_UPSTREAM: AtomicU64 = AtomicU64::new(0);
+
 pub struct Upstream {
     pub pool: Arc<Pool>,
     tls: Option<UpstreamTls>,
-    /// Idle keep-alive connections, by pool member index.
-    idle: Vec<Mutex<Vec<IdleConn>>>,
+    /// Tells this thread-local lists in [`IDLE`] apart.
+    id: u64,
+    alive: Arc<()>,
+    /// Per backend and per thread.
     max_idle: usize,
     idle_timeout: Duration,
 }
@@ -37,9 +68,13 @@ pub struct Upstream {
 pub struct Checkout {
     pub index: usize,
     pub sender: SendRequest<Body>,
-    /// Came from the keep-alive pool (it may have been closed by the
-    /// backend meanwhile: the caller may retry a safe request once).
-    pub reused: bool,
+    /// How long it had been idle in the keep-alive pool; `None` for a new
+    /// connection. A reused one may have been closed by the backend
+    /// meanwhile: the caller may send the request again once.
+    pub idled: Option<Duration>,
+    /// The thread whose runtime drives the connection: it goes back to
+    /// that thread's list only.
+    home: ThreadId,
 }
 
 impl Upstream {
@@ -49,13 +84,11 @@ impl Upstream {
         max_idle: usize,
         idle_timeout: Duration,
     ) -> Upstream {
-        let idle = (0..pool.members.len())
-            .map(|_| Mutex::new(Vec::new()))
-            .collect();
         Upstream {
             pool,
             tls,
-            idle,
+            id: NEXT_UPSTREAM.fetch_add(1, Ordering::Relaxed),
+            alive: Arc::new(()),
             max_idle,
             idle_timeout,
         }
@@ -70,36 +103,63 @@ impl Upstream {
         fresh: bool,
         upgrades: bool,
     ) -> Result<Checkout, Unreachable> {
-        let (index, (sender, reused)) =
-            connect::first_success(&self.pool, client, |i| async move {
-                if !fresh {
-                    // Given back at the end of a response, a connection is
-                    // ready as soon as its task has seen that end too; one
-                    // the backend closed meanwhile fails here.
-                    while let Some(mut s) = self.take_idle(i) {
-                        if s.ready().await.is_ok() {
-                            return Ok((s, true));
-                        }
+        let (index, (sender, idled)) = connect::first_success(&self.pool, client, |i| async move {
+            if !fresh {
+                // Given back at the end of a response, a connection is
+                // ready as soon as its task has seen that end too; one
+                // the backend closed meanwhile fails here.
+                while let Some((mut s, idled)) = self.take_idle(i) {
+                    if s.ready().await.is_ok() {
+                        return Ok((s, Some(idled)));
                     }
                 }
-                self.open(i, upgrades).await.map(|s| (s, false))
-            })
-            .await?;
+            }
+            self.open(i, upgrades).await.map(|s| (s, None))
+        })
+        .await?;
         Ok(Checkout {
             index,
             sender,
-            reused,
+            idled,
+            home: thread::current().id(),
         })
     }
 
-    fn take_idle(&self, i: usize) -> Option<SendRequest<Body>> {
-        let mut idle = self.idle[i].lock().unwrap_or_else(|e| e.into_inner());
-        while let Some(c) = idle.pop() {
-            if !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout {
-                return Some(c.sender);
-            }
-        }
-        None
+    /// Runs `f` on this thread's idle lists of this upstream, dropping
+    /// the lists of upstreams that no longer exist on the way.
+    fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<IdleConn>) -> R, i: usize) -> R {
+        IDLE.with_borrow_mut(|lists| {
+            lists.retain(|l| l.alive.strong_count() > 0);
+            let pos = match lists.iter().position(|l| l.upstream == self.id) {
+                Some(p) => p,
+                None => {
+                    lists.push(ThreadIdle {
+                        upstream: self.id,
+                        alive: Arc::downgrade(&self.alive),
+                        by_member: (0..self.pool.members.len()).map(|_| Vec::new()).collect(),
+                    });
+                    lists.len() - 1
+                }
+            };
+            f(&mut lists[pos].by_member[i])
+        })
+    }
+
+    // Dropping a sender inside the borrow is fine: it only wakes its
+    // connection task, it never runs it (or this code) in place.
+    fn take_idle(&self, i: usize) -> Option<(SendRequest<Body>, Duration)> {
+        self.with_idle(
+            |idle| {
+                while let Some(c) = idle.pop() {
+                    let idled = c.since.elapsed();
+                    if !c.sender.is_closed() && idled < self.idle_timeout {
+                        return Some((c.sender, idled));
+                    }
+                }
+                None
+            },
+            i,
+        )
     }
 
     async fn open(&self, i: usize, upgrades: bool) -> Result<SendRequest<Body>, String> {
@@ -122,19 +182,21 @@ impl Upstream {
     }
 
     /// Put a connection back; only once its response has been read in
-    /// full (see [`PooledBody`]).
-    fn give_back(&self, index: usize, sender: SendRequest<Body>) {
-        if sender.is_closed() {
+    /// full (see [`PooledBody`]), and only on the thread that drives it.
+    fn give_back(&self, index: usize, sender: SendRequest<Body>, home: ThreadId) {
+        if sender.is_closed() || thread::current().id() != home {
             return;
         }
-        let mut idle = self.idle[index].lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|c| !c.sender.is_closed() && c.since.elapsed() < self.idle_timeout);
-        if idle.len() < self.max_idle {
-            idle.push(IdleConn {
-                sender,
-                since: Instant::now(),
-            });
-        }
+        self.with_idle(
+            |idle| {
+                let now = Instant::now();
+                idle.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
+                if idle.len() < self.max_idle {
+                    idle.push(IdleConn { sender, since: now });
+                }
+            },
+            index,
+        );
     }
 }
 
@@ -144,19 +206,14 @@ impl Upstream {
 /// connection, which is then not reused.
 pub struct PooledBody {
     inner: Incoming,
-    back: Option<(Arc<Upstream>, usize, SendRequest<Body>)>,
+    back: Option<(Arc<Upstream>, Checkout)>,
 }
 
 impl PooledBody {
-    pub fn new(
-        inner: Incoming,
-        up: Arc<Upstream>,
-        index: usize,
-        sender: SendRequest<Body>,
-    ) -> Self {
+    pub fn new(inner: Incoming, up: Arc<Upstream>, checkout: Checkout) -> Self {
         let mut body = PooledBody {
             inner,
-            back: Some((up, index, sender)),
+            back: Some((up, checkout)),
         };
         if body.inner.is_end_stream() {
             body.ended();
@@ -165,8 +222,8 @@ impl PooledBody {
     }
 
     fn ended(&mut self) {
-        if let Some((up, index, sender)) = self.back.take() {
-            up.give_back(index, sender);
+        if let Some((up, c)) = self.back.take() {
+            up.give_back(c.index, c.sender, c.home);
         }
     }
 }
