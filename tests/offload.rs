@@ -508,3 +508,86 @@ async fn http2_chosen_by_alpn() {
         assert_eq!(s.header("host"), Some("device.example"));
     }
 }
+
+/// An HTTP/1.1 backend answering "ok" that counts the TCP connections it
+/// accepted.
+async fn counting_backend(accepted: Arc<std::sync::atomic::AtomicUsize>) -> SocketAddr {
+    use hyper::body::Bytes;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                        http_body_util::Full::new(Bytes::from_static(b"ok\n")),
+                    ))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Requests from successive client connections share one kept-alive
+/// backend connection: with one worker there is one idle list, and a
+/// connection goes back to it once its response has been read.
+#[tokio::test(flavor = "multi_thread")]
+async fn backend_connections_are_kept_alive_across_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_ca = Ca::new(d, "server");
+    let server = server_ca.server(d, "server", &["device.example"]);
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let backend = counting_backend(accepted.clone()).await;
+    let front = free_addr();
+    let config = format!(
+        r#"[admin]
+bind = "{{admin}}"
+
+[global]
+worker_threads = 1
+
+[[listener]]
+name = "web"
+bind = "{front}"
+mode = "offload"
+tls = {{ cert = "{}", key = "{}" }}
+
+  [[listener.route]]
+  path_prefix = "/"
+  pool = "web"
+
+[[pool]]
+name = "web"
+backends = [{{ address = "{backend}" }}]
+"#,
+        server.cert_path.display(),
+        server.key_path.display(),
+    );
+    let _lb = tokio::task::spawn_blocking(move || Balancer::start(&config))
+        .await
+        .unwrap();
+    let client = client_config(&server_ca, None, &[b"http/1.1"]);
+    for i in 0..20 {
+        let (status, body) = https_get(
+            front,
+            "device.example",
+            client.clone(),
+            &format!("/r{i}"),
+            &[],
+        )
+        .await
+        .unwrap();
+        assert_eq!((status, body.as_str()), (200, "ok\n"));
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "20 sequential requests opened more than one backend connection"
+    );
+}
