@@ -61,7 +61,14 @@ pub async fn forward(client: TcpStream, peer: SocketAddr, ctx: &ListenerShared, 
     let Ok((index, upstream)) = connected else {
         ctx.metrics.rejected_no_backend.inc();
         if let Some(held) = ctx.reject_log.allow() {
-            tracing::warn!(listener = %ctx.plan.name, pool = %pool.name(), %peer, "connection closed: no backend available ({held} rejections suppressed)");
+            // During a descriptor shortage the backends are fine: say so,
+            // or an operator goes looking for a dead server.
+            let why = if crate::shortage::remaining().is_some() {
+                "no descriptor for a backend connection"
+            } else {
+                "no backend available"
+            };
+            tracing::warn!(listener = %ctx.plan.name, pool = %pool.name(), %peer, "connection closed: {why} ({held} rejections suppressed)");
         }
         return;
     };
