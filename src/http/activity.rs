@@ -8,8 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
+use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 
+use super::at_end::EndHook;
 use super::upstream::Body;
 
 /// Shared by one connection's loop, its IO wrapper and its requests. All
@@ -106,8 +107,11 @@ impl BodyWatch {
     pub fn none() -> BodyWatch {
         BodyWatch(None)
     }
+}
 
-    fn finished(&mut self) {
+/// A request body forwarded to a backend ends its watch at its end.
+impl EndHook for BodyWatch {
+    fn ended(&mut self) {
         if let Some(a) = self.0.take() {
             a.busy.fetch_sub(1, Relaxed);
         }
@@ -120,39 +124,6 @@ impl Drop for BodyWatch {
             a.pinned.store(true, Relaxed);
             a.busy.fetch_sub(1, Relaxed);
         }
-    }
-}
-
-/// A request body forwarded to a backend, ending its watch at its end.
-pub struct WatchedBody {
-    pub inner: Incoming,
-    pub watch: BodyWatch,
-}
-
-impl HttpBody for WatchedBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.watch.finished(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.watch.finished(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 

@@ -2,6 +2,7 @@
 //! forward them (with the verified client certificate) to a pool.
 
 pub mod activity;
+pub mod at_end;
 pub mod headers;
 pub mod route;
 pub mod server;

@@ -9,10 +9,11 @@ use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, CONNECTION, HOST, STRICT_TRANSPORT_SECURITY, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
-use super::activity::{BodyWatch, WatchedBody};
+use super::activity::BodyWatch;
+use super::at_end::AtEnd;
 use super::headers::{self, strip_hop_by_hop};
 use super::route::request_host;
-use super::upstream::{Body, PooledBody, Upstream};
+use super::upstream::{Body, GiveBack, PooledBody, Upstream};
 use super::{ConnInfo, Offload, RouteRuntime, TargetRuntime};
 use crate::balance::connect::Unreachable;
 
@@ -179,10 +180,7 @@ async fn proxy(
     // A request without a body can be sent again if a reused keep-alive
     // connection turns out to have been closed by the backend.
     let resendable = body.is_end_stream() && idempotent(&parts.method);
-    let body = WatchedBody {
-        inner: body,
-        watch: body_watch,
-    };
+    let body = AtEnd::new(body, body_watch);
     let mut request = Request::from_parts(parts, body.boxed());
 
     let mut checkout = match up.checkout(peer, upgrade, upgrade).await {
@@ -275,6 +273,6 @@ async fn proxy(
         // A refused upgrade: the connection was opened for it alone.
         return Response::from_parts(parts, body.boxed());
     }
-    let body = PooledBody::new(body, up.clone(), checkout);
+    let body = PooledBody::new(body, GiveBack::new(up.clone(), checkout));
     Response::from_parts(parts, body.boxed())
 }

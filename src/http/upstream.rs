@@ -12,21 +12,21 @@
 
 use std::cell::RefCell;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::task::{Context, Poll};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use http_body_util::combinators::BoxBody;
-use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
+use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::balance::connect::{self, Unreachable};
 use crate::balance::Pool;
+
+use super::at_end::{AtEnd, EndHook};
 pub use crate::tls::upstream::UpstreamTls;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -200,58 +200,25 @@ impl Upstream {
     }
 }
 
-/// A backend's response body that puts its connection back into the
-/// keep-alive pool when the body has been read to its end, in the task
-/// reading it. A body dropped before its end leaves unread bytes on the
-/// connection, which is then not reused.
-pub struct PooledBody {
-    inner: Incoming,
-    back: Option<(Arc<Upstream>, Checkout)>,
+/// A backend's response body puts its connection back into the keep-alive
+/// pool when it has been read to its end, in the task reading it. A body
+/// dropped before its end leaves unread bytes on the connection, which is
+/// then not reused.
+pub type PooledBody = AtEnd<GiveBack>;
+
+pub struct GiveBack(Option<(Arc<Upstream>, Checkout)>);
+
+impl GiveBack {
+    pub fn new(up: Arc<Upstream>, checkout: Checkout) -> Self {
+        GiveBack(Some((up, checkout)))
+    }
 }
 
-impl PooledBody {
-    pub fn new(inner: Incoming, up: Arc<Upstream>, checkout: Checkout) -> Self {
-        let mut body = PooledBody {
-            inner,
-            back: Some((up, checkout)),
-        };
-        if body.inner.is_end_stream() {
-            body.ended();
-        }
-        body
-    }
-
+impl EndHook for GiveBack {
     fn ended(&mut self) {
-        if let Some((up, c)) = self.back.take() {
+        if let Some((up, c)) = self.0.take() {
             up.give_back(c.index, c.sender, c.home);
         }
-    }
-}
-
-impl HttpBody for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => this.ended(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.ended(),
-            _ => {}
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
 
