@@ -21,16 +21,16 @@ use tokio::time::{Duration, Instant, Sleep};
 
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
+use crate::tls::server_stream::ServerStream;
 
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Arc<Offload>) {
     let m = &offload.metrics;
-    let acceptor = tokio_rustls::TlsAcceptor::from(offload.tls.clone());
     // The handshake state and the stream live on the heap: inline, each
     // would be part of this task's future (sized once, at spawn, for its
     // largest state) for as long as the connection lives.
     let handshake = Box::pin(tokio::time::timeout(
         offload.http.handshake_timeout,
-        acceptor.accept(tcp),
+        ServerStream::accept(tcp, offload.tls.clone()),
     ));
     let tls: Box<Tls> = match handshake.await {
         Ok(Ok(s)) => Box::new(s),
@@ -57,7 +57,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
             return;
         }
     };
-    let (_, session) = tls.get_ref();
+    let session = tls.session();
     // A resumed session restores the client certificate without running
     // the verifier, so a device revoked since then is caught here.
     if let Some(list) = &offload.revocation {
@@ -93,7 +93,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
         peer,
         peer_value: super::headers::peer_value(peer.ip()),
         listener: listener.to_string(),
-        sni: session.server_name().map(str::to_string),
+        sni: tls.server_name().map(str::to_string),
         alpn,
         client_cert,
     });
@@ -146,10 +146,10 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         activity: activity.clone(),
     };
     loop {
-        if io.unread.is_empty() && !has_pending_input(&mut io.tls) {
+        if io.unread.is_empty() && !io.tls.has_buffered_input() {
             // The idle keep-alive wait: the header timeout bounds it, as
             // it bounds hyper's own wait for a request.
-            let tcp = io.tls.get_ref().0;
+            let tcp = io.tls.tcp();
             match tokio::time::timeout(http.header_timeout, tcp.readable()).await {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) | Err(_) => return Ok(()),
@@ -217,17 +217,7 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     }
 }
 
-/// Whether the TLS session already holds bytes of a next request (or the
-/// client's close), so waiting for the socket would wait for nothing.
-fn has_pending_input(tls: &mut Tls) -> bool {
-    match tls.get_mut().1.process_new_packets() {
-        Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
-        // The next read reports it.
-        Err(_) => true,
-    }
-}
-
-type Tls = tokio_rustls::server::TlsStream<TcpStream>;
+type Tls = ServerStream;
 
 /// How long hyper stays set up on an HTTP/1 connection after a response
 /// before it is put away: longer than a busy client's round trip, short

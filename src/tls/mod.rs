@@ -6,6 +6,8 @@
 //!   self-signed certificates for `cert = "auto"`.
 //! - [`server`]: a `rustls::ServerConfig` from plain values (SNI-selected
 //!   certificates, versions, suites, ALPN, resumption, client auth).
+//! - [`server_stream`]: a terminated TLS connection as a tokio stream that
+//!   holds no buffer while idle (rustls' unbuffered API).
 //! - [`revocation`]: a shared, hot-swappable set of revoked device
 //!   certificates that the client-auth verifier consults.
 //! - [`forward`]: the forms a client certificate is passed to backends in
@@ -20,6 +22,7 @@ mod error;
 pub mod forward;
 pub mod revocation;
 pub mod server;
+pub mod server_stream;
 pub mod upstream;
 mod x509;
 

@@ -1,0 +1,811 @@
+//! A terminated TLS connection as an `AsyncRead + AsyncWrite` stream that
+//! holds no buffer while it waits.
+//!
+//! `tokio_rustls` wraps rustls' buffered connection, which keeps a 4 KiB
+//! receive buffer (and its queues) for the whole life of a connection. An
+//! offload listener mostly holds idle devices: keep-alive connections
+//! between polls and command WebSockets that are silent for hours. This
+//! stream drives rustls' *unbuffered* API instead: socket bytes are read
+//! into a per-thread scratch buffer and decrypted from there, records are
+//! encrypted into another per-thread buffer and written at once. A
+//! connection owns a buffer only for what is actually pending (a partial
+//! record, plaintext its reader had no room for, ciphertext the socket
+//! would not take) and frees it once that is gone.
+
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+
+use rustls::server::UnbufferedServerConnection;
+use rustls::unbuffered::{
+    AppDataRecord, ConnectionState, EncodeError, EncryptError, UnbufferedStatus,
+};
+use rustls::{CommonState, ServerConfig};
+use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+use tokio::net::TcpStream;
+
+/// Socket reads and plaintext writes go through buffers of this size: one
+/// full TLS record, so bulk transfers still move whole records.
+const CHUNK: usize = 16 * 1024;
+/// Worst-case growth of one record when encrypted (header, TLS 1.2
+/// explicit nonce, tag, TLS 1.3 content type), rounded up.
+const RECORD_OVERHEAD: usize = 64;
+
+thread_local! {
+    /// Received TLS bytes on their way through rustls.
+    static READ_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; CHUNK]);
+    /// Encrypted records on their way to the socket.
+    static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    /// Plaintext gathered from a vectored write, so that it becomes one
+    /// record rather than one per slice.
+    static GATHER_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A server-side TLS stream over a TCP socket; see the module docs.
+pub struct ServerStream {
+    tcp: TcpStream,
+    conn: UnbufferedServerConnection,
+    /// Received bytes rustls has not consumed yet: the start of a record.
+    incoming: Vec<u8>,
+    /// Decrypted bytes the reader had no room for, from `plain_pos` on.
+    plain: Vec<u8>,
+    plain_pos: usize,
+    /// Encrypted bytes the socket did not take yet, from `out_pos` on.
+    outgoing: Vec<u8>,
+    out_pos: usize,
+    /// The client sent close_notify or closed its side of the socket.
+    read_closed: bool,
+    /// Our close_notify is queued: nothing more may be written.
+    close_sent: bool,
+    sni: Option<String>,
+}
+
+/// What rustls is asked to do besides consuming the input it is given.
+enum Want<'a, 'b> {
+    /// Only read: decrypted data goes to the reader's buffer, then to
+    /// `plain`.
+    Read(Option<&'a mut ReadBuf<'b>>),
+    /// Encrypt these bytes into the outgoing buffer.
+    Write(&'a [u8]),
+    /// Encrypt a close_notify alert into the outgoing buffer.
+    Close,
+}
+
+/// Where a run of rustls stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    /// All complete records are processed; more input is needed.
+    NeedInput,
+    /// The `Write` or `Close` request is done.
+    Done,
+    /// Both sides sent close_notify.
+    Closed,
+}
+
+impl ServerStream {
+    /// Run the server handshake on `tcp`. A failed handshake returns an
+    /// `InvalidData` error that wraps the `rustls::Error`, as
+    /// `tokio_rustls` does, after sending rustls' alert if it has one.
+    pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerStream> {
+        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+        // A name left by a connection whose handshake stopped early.
+        crate::tls::server::take_resolved_sni();
+        let mut s = ServerStream {
+            tcp,
+            conn,
+            incoming: Vec::new(),
+            plain: Vec::new(),
+            plain_pos: 0,
+            outgoing: Vec::new(),
+            out_pos: 0,
+            read_closed: false,
+            close_sent: false,
+            sni: None,
+        };
+        loop {
+            let mut input = std::mem::take(&mut s.incoming);
+            let ran = s.run(&mut input, Want::Read(None));
+            if let Some(name) = crate::tls::server::take_resolved_sni() {
+                s.sni = Some(name);
+            }
+            let used = match ran {
+                Ok((used, _)) => used,
+                Err(e) => {
+                    s.send_alert();
+                    return Err(e);
+                }
+            };
+            input.drain(..used);
+            s.incoming = input;
+            poll_fn(|cx| s.poll_flush_out(cx)).await?;
+            if !s.conn.is_handshaking() {
+                break;
+            }
+            if s.read_closed {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // Handshake flights are small and short-lived: read them into
+            // the connection's own buffer (a client certificate chain may
+            // span several reads).
+            let start = s.incoming.len();
+            s.incoming.resize(start + CHUNK, 0);
+            let n = poll_fn(|cx| poll_read_socket(&s.tcp, cx, &mut s.incoming[start..])).await;
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => return Err(e),
+            };
+            s.incoming.truncate(start + n);
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+        if s.incoming.is_empty() {
+            s.incoming = Vec::new();
+        } else {
+            s.incoming.shrink_to_fit();
+        }
+        Ok(s)
+    }
+
+    /// The negotiated session: version, ALPN, the client's certificates.
+    pub fn session(&self) -> &CommonState {
+        &self.conn
+    }
+
+    /// The server name the client asked for (SNI), lowercased.
+    pub fn server_name(&self) -> Option<&str> {
+        self.sni.as_deref()
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether a read would return at once without waiting for the socket:
+    /// decrypted bytes are waiting, or the client has closed.
+    pub fn has_buffered_input(&self) -> bool {
+        self.plain_pos < self.plain.len() || self.read_closed
+    }
+
+    /// Feed `input` to rustls until it needs more, doing `want` on the way.
+    /// Returns how many bytes of `input` rustls consumed; the caller must
+    /// drop them from the front before the next run. Handshake and alert
+    /// records rustls produces are appended to `outgoing`; so is the
+    /// `Write`/`Close` output unless the caller took `outgoing` to hold it
+    /// in a scratch buffer.
+    fn run(&mut self, input: &mut [u8], want: Want<'_, '_>) -> io::Result<(usize, Stop)> {
+        self.run_into(input, want, None)
+    }
+
+    fn run_into(
+        &mut self,
+        input: &mut [u8],
+        mut want: Want<'_, '_>,
+        out: Option<&mut Vec<u8>>,
+    ) -> io::Result<(usize, Stop)> {
+        let out = match out {
+            Some(o) => o,
+            None => &mut self.outgoing,
+        };
+        let mut used = 0;
+        loop {
+            let UnbufferedStatus { discard, state } =
+                self.conn.process_tls_records(&mut input[used..]);
+            let state = state.map_err(tls_error)?;
+            let mut stop = None;
+            match state {
+                ConnectionState::ReadTraffic(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        let rec = rec.map_err(tls_error)?;
+                        let dest = match &mut want {
+                            Want::Read(d) => d.as_deref_mut(),
+                            _ => None,
+                        };
+                        deliver(rec, dest, &mut self.plain, &mut self.plain_pos);
+                    }
+                }
+                ConnectionState::ReadEarlyData(mut r) => {
+                    while let Some(rec) = r.next_record() {
+                        let rec = rec.map_err(tls_error)?;
+                        deliver(rec, None, &mut self.plain, &mut self.plain_pos);
+                    }
+                }
+                ConnectionState::EncodeTlsData(mut e) => {
+                    let start = out.len();
+                    let mut room = 4096;
+                    loop {
+                        out.resize(start + room, 0);
+                        match e.encode(&mut out[start..]) {
+                            Ok(n) => {
+                                out.truncate(start + n);
+                                break;
+                            }
+                            Err(EncodeError::InsufficientSize(s)) => room = s.required_size,
+                            Err(EncodeError::AlreadyEncoded) => {
+                                out.truncate(start);
+                                break;
+                            }
+                        }
+                    }
+                }
+                // Everything encoded is in `out`, which is written before
+                // anything else goes to the socket.
+                ConnectionState::TransmitTlsData(t) => t.done(),
+                ConnectionState::BlockedHandshake => stop = Some(Stop::NeedInput),
+                ConnectionState::PeerClosed => self.read_closed = true,
+                ConnectionState::Closed => {
+                    self.read_closed = true;
+                    stop = Some(Stop::Closed);
+                }
+                ConnectionState::WriteTraffic(mut w) => match want {
+                    Want::Read(_) => stop = Some(Stop::NeedInput),
+                    Want::Write(data) => {
+                        encrypt_into(out, data.len(), |buf| w.encrypt(data, buf))?;
+                        stop = Some(Stop::Done);
+                    }
+                    Want::Close => {
+                        encrypt_into(out, 0, |buf| w.queue_close_notify(buf))?;
+                        stop = Some(Stop::Done);
+                    }
+                },
+                _ => return Err(io::Error::other("unexpected state of the TLS connection")),
+            }
+            used += discard;
+            if let Some(stop) = stop {
+                return Ok((used, stop));
+            }
+        }
+    }
+
+    /// After a fatal error rustls queues an alert for the peer: send it if
+    /// the socket takes it now (the connection is dropped either way).
+    fn send_alert(&mut self) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+        if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
+            let mut buf = [0u8; 64];
+            if let Ok(n) = e.encode(&mut buf) {
+                self.outgoing.extend_from_slice(&buf[..n]);
+            }
+        }
+        let _ = self.tcp.try_write(&self.outgoing[self.out_pos..]);
+    }
+
+    /// Write the pending ciphertext; frees the buffer once it is out.
+    fn poll_flush_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.out_pos < self.outgoing.len() {
+            let n = ready!(Pin::new(&mut self.tcp).poll_write(cx, &self.outgoing[self.out_pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.out_pos += n;
+        }
+        if self.outgoing.capacity() > 0 {
+            self.outgoing = Vec::new();
+            self.out_pos = 0;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Read the socket and run rustls over what came (after any partial
+    /// record kept from before). Returns the bytes read; 0 is the end of
+    /// the client's stream.
+    fn poll_receive(
+        &mut self,
+        cx: &mut Context<'_>,
+        dest: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if self.incoming.is_empty() {
+            // The common case: whole records arrive. Decrypt them from the
+            // thread's scratch buffer; only a trailing partial record is
+            // copied into the connection.
+            READ_SCRATCH.with_borrow_mut(|scratch| {
+                let n = ready!(poll_read_socket(&self.tcp, cx, scratch))?;
+                let used = self.run_read(&mut scratch[..n], dest)?;
+                if used < n {
+                    self.incoming.extend_from_slice(&scratch[used..n]);
+                }
+                Poll::Ready(Ok(n))
+            })
+        } else {
+            let mut input = std::mem::take(&mut self.incoming);
+            let start = input.len();
+            input.resize(start + CHUNK, 0);
+            let read = poll_read_socket(&self.tcp, cx, &mut input[start..]);
+            let n = match read {
+                Poll::Ready(Ok(n)) => n,
+                other => {
+                    input.truncate(start);
+                    self.incoming = input;
+                    return other;
+                }
+            };
+            input.truncate(start + n);
+            let used = self.run_read(&mut input, dest);
+            self.incoming = input;
+            let used = used?;
+            self.incoming.drain(..used);
+            if self.incoming.is_empty() {
+                self.incoming = Vec::new();
+            }
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    fn run_read(&mut self, input: &mut [u8], dest: &mut ReadBuf<'_>) -> io::Result<usize> {
+        let (used, _) = self.run(input, Want::Read(Some(dest)))?;
+        Ok(used)
+    }
+
+    /// Encrypt `data` and send what the socket takes now; the rest waits in
+    /// `outgoing` (whose earlier content must have been written already).
+    fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        WRITE_SCRATCH.with_borrow_mut(|out| {
+            out.clear();
+            let mut input = std::mem::take(&mut self.incoming);
+            let ran = self.run_into(&mut input, Want::Write(data), Some(out));
+            self.incoming = input;
+            let (used, stop) = ran?;
+            self.incoming.drain(..used);
+            if stop != Stop::Done {
+                return Err(io::ErrorKind::BrokenPipe.into());
+            }
+            let sent = match self.tcp.try_write(out) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                Err(e) => return Err(e),
+            };
+            if sent < out.len() {
+                self.outgoing.extend_from_slice(&out[sent..]);
+            }
+            // A burst of large writes must not pin a large buffer per thread.
+            if out.capacity() > 4 * (CHUNK + RECORD_OVERHEAD) {
+                *out = Vec::new();
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Copy a decrypted record to the reader, keeping what does not fit.
+fn deliver(
+    rec: AppDataRecord<'_>,
+    dest: Option<&mut ReadBuf<'_>>,
+    plain: &mut Vec<u8>,
+    plain_pos: &mut usize,
+) {
+    let mut payload = rec.payload;
+    if let Some(dest) = dest {
+        if plain.len() == *plain_pos {
+            let n = payload.len().min(dest.remaining());
+            dest.put_slice(&payload[..n]);
+            payload = &payload[n..];
+        }
+    }
+    if !payload.is_empty() {
+        if *plain_pos == plain.len() {
+            plain.clear();
+            *plain_pos = 0;
+        }
+        plain.extend_from_slice(payload);
+    }
+}
+
+/// Let rustls encrypt into the end of `out`, growing it as it asks.
+fn encrypt_into(
+    out: &mut Vec<u8>,
+    len: usize,
+    mut encrypt: impl FnMut(&mut [u8]) -> Result<usize, EncryptError>,
+) -> io::Result<()> {
+    let start = out.len();
+    let mut room = len + (len / CHUNK + 1) * RECORD_OVERHEAD;
+    loop {
+        out.resize(start + room, 0);
+        match encrypt(&mut out[start..]) {
+            Ok(n) => {
+                out.truncate(start + n);
+                return Ok(());
+            }
+            Err(EncryptError::InsufficientSize(s)) if s.required_size > room => {
+                room = s.required_size
+            }
+            Err(e) => {
+                out.truncate(start);
+                return Err(io::Error::other(e));
+            }
+        }
+    }
+}
+
+/// One read of the socket. A read that does not fill `buf` emptied the
+/// socket's queue, so tokio is told to forget the readiness now rather
+/// than after one more read that fails (see `l4/copy.rs`).
+fn poll_read_socket(
+    tcp: &TcpStream,
+    cx: &mut Context<'_>,
+    buf: &mut [u8],
+) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(tcp.poll_read_ready(cx))?;
+        let mut short = None;
+        let read = tcp.try_io(Interest::READABLE, || {
+            let n = io::Read::read(&mut &*SockRef::from(tcp), buf)?;
+            if n > 0 && n < buf.len() {
+                short = Some(n);
+                return Err(io::ErrorKind::WouldBlock.into());
+            }
+            Ok(n)
+        });
+        match (read, short) {
+            (_, Some(n)) => return Poll::Ready(Ok(n)),
+            (Ok(n), None) => return Poll::Ready(Ok(n)),
+            (Err(e), None) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            (Err(e), None) => return Poll::Ready(Err(e)),
+        }
+    }
+}
+
+fn tls_error(e: rustls::Error) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+impl AsyncRead for ServerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            if this.plain_pos < this.plain.len() {
+                let n = (this.plain.len() - this.plain_pos).min(buf.remaining());
+                buf.put_slice(&this.plain[this.plain_pos..this.plain_pos + n]);
+                this.plain_pos += n;
+                if this.plain_pos == this.plain.len() {
+                    this.plain = Vec::new();
+                    this.plain_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if this.read_closed || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Alerts and key updates rustls answered while reading; the
+            // socket is usually writable, and if not the wait is on the
+            // read (a next write flushes them first).
+            if this.out_pos < this.outgoing.len() {
+                if let Poll::Ready(Err(e)) = this.poll_flush_out(cx) {
+                    return Poll::Ready(Err(e));
+                }
+            }
+            let before = buf.filled().len();
+            let n = ready!(this.poll_receive(cx, buf))?;
+            if n == 0 {
+                // The client closed its side without close_notify, as
+                // many do; to the reader this is the end of the stream.
+                this.read_closed = true;
+            }
+            if buf.filled().len() > before {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+impl AsyncWrite for ServerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        // At most one write's worth of ciphertext waits for the socket.
+        ready!(this.poll_flush_out(cx))?;
+        if this.close_sent {
+            return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+        }
+        let n = buf.len().min(CHUNK);
+        this.send(&buf[..n])?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let mut nonempty = bufs.iter().filter(|b| !b.is_empty());
+        let first = nonempty.next();
+        let (Some(first), None) = (first, nonempty.next()) else {
+            // Several slices (hyper's head and body): one record for all.
+            let this = self.get_mut();
+            ready!(this.poll_flush_out(cx))?;
+            if this.close_sent {
+                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
+            }
+            return GATHER_SCRATCH.with_borrow_mut(|gather| {
+                gather.clear();
+                for b in bufs {
+                    let room = CHUNK - gather.len();
+                    if room == 0 {
+                        break;
+                    }
+                    gather.extend_from_slice(&b[..b.len().min(room)]);
+                }
+                if gather.is_empty() {
+                    return Poll::Ready(Ok(0));
+                }
+                this.send(gather)?;
+                Poll::Ready(Ok(gather.len()))
+            });
+        };
+        self.poll_write(cx, first)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().poll_flush_out(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !this.close_sent {
+            ready!(this.poll_flush_out(cx))?;
+            let mut input = std::mem::take(&mut this.incoming);
+            let ran = this.run(&mut input, Want::Close);
+            this.incoming = input;
+            this.close_sent = true;
+            if let Ok((used, _)) = ran {
+                this.incoming.drain(..used);
+            }
+        }
+        ready!(this.poll_flush_out(cx))?;
+        Pin::new(&mut this.tcp).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use rustls::pki_types::ServerName;
+    use rustls::ClientConfig;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::tls::server::{build_server_config, ServerTlsOptions};
+    use crate::tls::testutil::{client_config, Pki};
+    use crate::tls::MinVersion;
+
+    type Client = tokio_rustls::client::TlsStream<TcpStream>;
+
+    struct Setup {
+        server: Arc<ServerConfig>,
+        client: Arc<ClientConfig>,
+    }
+
+    fn setup(
+        min: MinVersion,
+        client_versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Setup {
+        let pki = Pki::new("stream CA");
+        let mut opts = ServerTlsOptions::new(pki.server("api.test").certified());
+        opts.min_version = min;
+        opts.alpn = vec!["http/1.1".into()];
+        let server = build_server_config(&opts).unwrap();
+        let base = client_config(pki.roots(), None, &["http/1.1"]);
+        let mut client = ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_protocol_versions(client_versions)
+            .unwrap()
+            .with_root_certificates(pki.roots())
+            .with_no_client_auth();
+        client.alpn_protocols = base.alpn_protocols.clone();
+        Setup {
+            server,
+            client: Arc::new(client),
+        }
+    }
+
+    async fn listen() -> (TcpListener, SocketAddr) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        (l, a)
+    }
+
+    async fn connect(addr: SocketAddr, config: Arc<ClientConfig>) -> io::Result<Client> {
+        let tcp = TcpStream::connect(addr).await?;
+        tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::try_from("api.test").unwrap(), tcp)
+            .await
+    }
+
+    /// Echoes through a small read buffer, so that records are larger
+    /// than what the reader takes and plaintext has to be kept.
+    async fn echo(mut s: ServerStream) -> io::Result<ServerStream> {
+        let mut buf = [0u8; 1000];
+        loop {
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(s);
+            }
+            s.write_all(&buf[..n]).await?;
+        }
+    }
+
+    fn pattern(len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_u32;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 17;
+                x ^= x << 5;
+                x as u8
+            })
+            .collect()
+    }
+
+    async fn echo_round_trip(setup: Setup, via: Option<SocketAddr>) {
+        let (l, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            assert_eq!(s.server_name(), Some("api.test"));
+            echo(s).await.unwrap()
+        });
+        let c = connect(via.unwrap_or(addr), setup.client).await.unwrap();
+        let data = pattern(3 * 1024 * 1024 + 17);
+        let (mut rd, mut wr) = tokio::io::split(c);
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            for chunk in sent.chunks(7919) {
+                wr.write_all(chunk).await.unwrap();
+            }
+            wr.flush().await.unwrap();
+            wr
+        });
+        let mut got = vec![0u8; data.len()];
+        rd.read_exact(&mut got).await.unwrap();
+        assert!(got == data, "echoed bytes differ");
+        let mut wr = writer.await.unwrap();
+        // close_notify from the client ends the server's reads cleanly.
+        wr.shutdown().await.unwrap();
+        let s = server.await.unwrap();
+        // Nothing pending: the connection holds no buffers.
+        assert_eq!(s.incoming.capacity(), 0);
+        assert_eq!(s.plain.capacity(), 0);
+        assert_eq!(s.outgoing.capacity(), 0);
+    }
+
+    #[tokio::test]
+    async fn echoes_bulk_data_over_tls13() {
+        echo_round_trip(setup(MinVersion::Tls12, &[&rustls::version::TLS13]), None).await;
+    }
+
+    #[tokio::test]
+    async fn echoes_bulk_data_over_tls12() {
+        echo_round_trip(setup(MinVersion::Tls12, &[&rustls::version::TLS12]), None).await;
+    }
+
+    /// A relay that passes the client's bytes on a few at a time: every
+    /// record, the handshake's included, arrives in pieces.
+    async fn trickle_relay(to: SocketAddr) -> SocketAddr {
+        let (l, addr) = listen().await;
+        tokio::spawn(async move {
+            let (client, _) = l.accept().await.unwrap();
+            let server = TcpStream::connect(to).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move { tokio::io::copy(&mut sr, &mut cw).await });
+            let mut buf = [0u8; 4096];
+            let mut step = 1;
+            loop {
+                let n = match cr.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                for piece in buf[..n].chunks(step) {
+                    if sw.write_all(piece).await.is_err() {
+                        return;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                step = step % 97 + 13;
+            }
+            let _ = sw.shutdown().await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn records_arriving_in_pieces() {
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        let (l, addr) = listen().await;
+        let relay = trickle_relay(addr).await;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            echo(s).await.unwrap();
+        });
+        let mut c = connect(relay, setup.client).await.unwrap();
+        let data = pattern(200_000);
+        c.write_all(&data).await.unwrap();
+        let mut got = vec![0u8; data.len()];
+        c.read_exact(&mut got).await.unwrap();
+        assert!(got == data);
+        c.shutdown().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn key_updates_from_the_client_are_followed() {
+        let setup = setup(MinVersion::Tls13, &[&rustls::version::TLS13]);
+        let (l, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            echo(s).await.unwrap();
+        });
+        let mut c = connect(addr, setup.client).await.unwrap();
+        for round in 0..5u8 {
+            c.get_mut().1.refresh_traffic_keys().unwrap();
+            let msg = [round; 3000];
+            c.write_all(&msg).await.unwrap();
+            let mut got = [0u8; 3000];
+            c.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, msg);
+        }
+        c.shutdown().await.unwrap();
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn server_shutdown_sends_close_notify() {
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        let (l, addr) = listen().await;
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            s.write_all(b"bye").await.unwrap();
+            s.shutdown().await.unwrap();
+            // Held open: the client must see close_notify, not a FIN.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let mut c = connect(addr, setup.client).await.unwrap();
+        let mut got = Vec::new();
+        // read_to_end fails with UnexpectedEof unless close_notify came.
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+    }
+
+    #[tokio::test]
+    async fn a_failed_handshake_sends_the_alert() {
+        let setup = setup(MinVersion::Tls13, &[&rustls::version::TLS12]);
+        let (l, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            ServerStream::accept(tcp, setup.server).await.err().unwrap()
+        });
+        let err = connect(addr, setup.client).await.err().unwrap();
+        let inner = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(inner, Some(rustls::Error::AlertReceived(_))),
+            "client saw {err:?}"
+        );
+        let server_err = server.await.unwrap();
+        assert!(server_err
+            .get_ref()
+            .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()));
+    }
+}
