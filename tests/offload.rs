@@ -591,3 +591,70 @@ backends = [{{ address = "{backend}" }}]
         "20 sequential requests opened more than one backend connection"
     );
 }
+
+/// Bytes that are not a TLS handshake (plain HTTP, garbage, a truncated or
+/// corrupted ClientHello, a record claiming 16 MiB) end only their own
+/// connection, are counted as failed handshakes, and a device that
+/// connects meanwhile is served.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_handshakes_are_refused_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let f = fixture("optional", "", "").await;
+    // A held connection: it must keep working while the others fail.
+    let mut held = tls_connect(f.front, "device.example", f.client(Some(&f.device)))
+        .await
+        .unwrap();
+    let hello = {
+        // A real ClientHello, captured from a rustls client.
+        let mut conn =
+            rustls::ClientConnection::new(f.client(None), "device.example".try_into().unwrap())
+                .unwrap();
+        let mut out = Vec::new();
+        conn.write_tls(&mut out).unwrap();
+        out
+    };
+    let mut corrupted = hello.clone();
+    for b in corrupted.iter_mut().skip(9).step_by(7) {
+        *b ^= 0x5a;
+    }
+    let inputs: Vec<Vec<u8>> = vec![
+        b"GET / HTTP/1.1\r\nHost: device.example\r\n\r\n".to_vec(),
+        (0..3000u32)
+            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .collect(),
+        hello[..hello.len() / 2].to_vec(),
+        corrupted,
+        vec![0x16, 0x03, 0x01, 0xff, 0xff, 0x01, 0xff, 0xff, 0xff],
+    ];
+    let failed = "fleetgate_tls_handshakes_total{listener=\"device-tls\",result=\"failed\"}";
+    let before = f.lb.metric(failed);
+    for (i, input) in inputs.iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(f.front).await.unwrap();
+        s.write_all(input).await.unwrap();
+        if i == 2 {
+            // Half a hello, then the client gives up.
+            s.shutdown().await.unwrap();
+        }
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "input {i}: the connection was not closed");
+        assert!(
+            !String::from_utf8_lossy(&rest).contains("HTTP/1.1"),
+            "input {i}: answered as if it were a request"
+        );
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || f.lb.metric(failed)
+            >= before + 5.0),
+        "failed handshakes counted: {}",
+        f.lb.metric(failed) - before
+    );
+    // The held connection and a new one still work.
+    held.write_all(b"GET /still HTTP/1.1\r\nHost: device.example\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 12];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 200");
+    assert_eq!(f.get(Some(&f.device), "/", &[]).await.unwrap().0, 200);
+}
