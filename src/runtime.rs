@@ -144,7 +144,7 @@ impl Runtime {
             }
         };
         let tracker = Arc::new(ConnectionTracker::default());
-        let workers = Workers::start(Workers::count(plan.worker_threads))
+        let workers = Workers::start(Workers::count(plan.worker_threads), &plan.cpu_affinity)
             .context("starting connection workers")?;
         let applied = Mutex::new(Applied {
             plan: Arc::new(plan.clone()),

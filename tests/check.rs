@@ -651,6 +651,22 @@ log_level = ‸"loud=="
             says: "invalid log level",
         },
         Case {
+            name: "cpu_affinity_word",
+            text: r#"[global]
+cpu_affinity = ‸"all"
+"#,
+            key: Some("global.cpu_affinity"),
+            says: "expected \"auto\", \"off\", or a list of CPU numbers",
+        },
+        Case {
+            name: "cpu_affinity_missing_cpu",
+            text: r#"[global]
+cpu_affinity = ‸[0, 4096]
+"#,
+            key: Some("global.cpu_affinity"),
+            says: "CPU 4096 is not available to this process",
+        },
+        Case {
             name: "crlf_line_endings",
             text: "[[listener]]\r\nname = \"a\"\r\nbind = \"127.0.0.1:7001\"\r\npool = ‸\"q\"\r\n\r\n[[pool]]\r\nname = \"p\"\r\nbackends = [{ address = \"127.0.0.1:7100\" }]\r\n",
             key: Some("listener[0].pool"),

@@ -620,7 +620,7 @@ async fn malformed_handshakes_are_refused_and_counted() {
     let inputs: Vec<Vec<u8>> = vec![
         b"GET / HTTP/1.1\r\nHost: device.example\r\n\r\n".to_vec(),
         (0..3000u32)
-            .map(|i| (i * 2654435761u32 >> 13) as u8)
+            .map(|i| (i.wrapping_mul(2654435761u32) >> 13) as u8)
             .collect(),
         hello[..hello.len() / 2].to_vec(),
         corrupted,

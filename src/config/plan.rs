@@ -18,6 +18,7 @@ pub struct Plan {
     pub log_level: String,
     pub drain_timeout: Duration,
     pub worker_threads: usize,
+    pub cpu_affinity: crate::workers::CpuAffinity,
     pub admin_bind: SocketAddr,
     pub listeners: Vec<ListenerPlan>,
     pub pools: Vec<PoolPlan>,

@@ -65,6 +65,9 @@ pub struct Global {
     /// Connection workers (a thread and event loop each); 0 means one per core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// CPUs the connection workers are pinned to.
+    #[serde(default)]
+    pub cpu_affinity: crate::workers::CpuAffinity,
     /// Where modules keep their files; relative to the config file.
     #[serde(default = "default_data_dir")]
     pub data_dir: String,
@@ -76,6 +79,7 @@ impl Default for Global {
             log_level: default_log_level(),
             drain_timeout: default_drain_timeout(),
             worker_threads: 0,
+            cpu_affinity: Default::default(),
             data_dir: default_data_dir(),
         }
     }

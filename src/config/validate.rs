@@ -19,6 +19,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
     let base = source.parent().unwrap_or(Path::new("."));
     let admin_bind = parse_addr(&file.admin.bind, key_path!["admin", "bind"])?;
     check_log_level(&file.global.log_level)?;
+    check_cpu_affinity(&file.global.cpu_affinity)?;
 
     let discovery = match &file.discovery {
         None => None,
@@ -154,6 +155,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         log_level: file.global.log_level.clone(),
         drain_timeout: file.global.drain_timeout.0,
         worker_threads: file.global.worker_threads,
+        cpu_affinity: file.global.cpu_affinity.clone(),
         admin_bind,
         listeners,
         pools,
@@ -284,6 +286,27 @@ fn parse_addr(s: &str, path: Vec<Seg>) -> Result<SocketAddr, SemanticError> {
             format!("{s:?} is not an IP address with a port (e.g. \"127.0.0.1:8080\" or \"[::1]:8080\")"),
         )
     })
+}
+
+fn check_cpu_affinity(a: &crate::workers::CpuAffinity) -> Result<(), SemanticError> {
+    let crate::workers::CpuAffinity::Cpus(cpus) = a else {
+        return Ok(());
+    };
+    let at = || key_path!["global", "cpu_affinity"];
+    if cpus.is_empty() {
+        return Err(SemanticError::new(
+            at(),
+            "an empty CPU list pins nothing: list CPU numbers, or say \"off\"",
+        ));
+    }
+    let allowed = crate::workers::allowed_cpus();
+    if let Some(cpu) = cpus.iter().find(|c| !allowed.contains(c)) {
+        return Err(SemanticError::new(
+            at(),
+            format!("CPU {cpu} is not available to this process (it may run on {allowed:?})"),
+        ));
+    }
+    Ok(())
 }
 
 fn check_log_level(level: &str) -> Result<(), SemanticError> {
