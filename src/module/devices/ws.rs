@@ -138,8 +138,8 @@ const READ_BUFFER: usize = 512;
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
+    let channel = devices.hub.register(&id);
     let id = id.to_string();
-    let (conn, mut rx) = devices.hub.register(&id);
     // Recorded beside the channel rather than before it: when thousands of
     // devices reconnect at once these commits queue, and a channel waiting
     // for its turn would hold its connection's handshake buffers (hyper's
@@ -186,18 +186,17 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
                         Some(Err(e)) => break format!("error: {e}"),
                     }
                 }
-                m = rx.recv() => match m {
-                    Some(ChannelMsg::Poke) => {
+                m = channel.recv() => match m {
+                    ChannelMsg::Poke => {
                         if let Err(r) = deliver(&devices, &id, &mut ws, &mut sent).await {
                             break r;
                         }
                     }
-                    Some(ChannelMsg::Close(reason)) => {
+                    ChannelMsg::Close(reason) => {
                         let frame = CloseFrame { code: CloseCode::Policy, reason: reason.clone().into() };
                         let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
                         break reason;
                     }
-                    None => break "hub closed".to_string(),
                 },
                 _ = ping.tick() => {
                     // Two intervals without a word (a pong counts): the
@@ -212,7 +211,7 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
             }
         },
     };
-    devices.hub.unregister(&id, conn);
+    devices.hub.unregister(&id, &channel);
     // Cleared only after it was set, or the stale node would stay.
     let _ = recording.await;
     if let Err(e) = devices
