@@ -235,7 +235,7 @@ fn everything_acknowledged_survives_kill_9_and_pending_commands_come_again() {
                     assert!(want.is_superset(&got), "{got:?} vs {want:?}");
                 }
                 let ack = json!({"type": "ack", "id": a, "status": "ok", "result": {"i": i}});
-                ws.send(Message::Text(ack.to_string())).await.unwrap();
+                ws.send(Message::text(ack.to_string())).await.unwrap();
                 let m = channel_next(&mut ws).await;
                 assert_eq!(m, json!({"type": "acked", "id": a}));
             }
@@ -367,7 +367,7 @@ fn everything_acknowledged_survives_kill_9_and_pending_commands_come_again() {
             assert_eq!(seen, expected(i), "device {i}: redelivered on the channel");
             for id in &seen {
                 let ack = json!({"type": "ack", "id": id, "status": "failed", "result": null});
-                ws.send(Message::Text(ack.to_string())).await.unwrap();
+                ws.send(Message::text(ack.to_string())).await.unwrap();
                 assert_eq!(channel_next(&mut ws).await["type"], "acked");
             }
             assert!(polled(&target, d).await.is_empty());

@@ -241,7 +241,7 @@ async fn websocket_with_client_certificate_carries_10000_messages() {
     let n = 10_000;
     let sender = tokio::spawn(async move {
         for i in 0..n {
-            tx.send(Message::Text(format!("message {i}")))
+            tx.send(Message::text(format!("message {i}")))
                 .await
                 .unwrap();
         }

@@ -293,18 +293,25 @@ impl Target {
         let req = format!("wss://{}/api/v1/commands/ws", self.host())
             .into_client_request()
             .map_err(|e| SimError::WebSocket(e.to_string()))?;
-        let (ws, resp) =
-            tokio::time::timeout(self.timeout, tokio_tungstenite::client_async(req, tls))
-                .await
-                .map_err(|_| SimError::Timeout)?
-                .map_err(|e| match e {
-                    tokio_tungstenite::tungstenite::Error::Http(r) => SimError::Status(
-                        r.status().as_u16(),
-                        String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
-                            .into_owned(),
-                    ),
-                    e => SimError::WebSocket(e.to_string()),
-                })?;
+        // tungstenite's default buffers (128 KiB read, allocated at once)
+        // would make the simulator, not the balancer, the limit on how
+        // many channels one machine can hold.
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .write_buffer_size(0);
+        let (ws, resp) = tokio::time::timeout(
+            self.timeout,
+            tokio_tungstenite::client_async_with_config(req, tls, Some(config)),
+        )
+        .await
+        .map_err(|_| SimError::Timeout)?
+        .map_err(|e| match e {
+            tokio_tungstenite::tungstenite::Error::Http(r) => SimError::Status(
+                r.status().as_u16(),
+                String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+            ),
+            e => SimError::WebSocket(e.to_string()),
+        })?;
         if resp.status() != 101 {
             return Err(SimError::Status(resp.status().as_u16(), String::new()));
         }

@@ -555,7 +555,7 @@ async fn channel_next(mut ws: DeviceWs) -> (Option<DeviceWs>, WsOutcome) {
                         out.received += 1;
                         let ack = json!({"type": "ack", "id": v["id"], "status": "ok",
                             "result": {"simulated": true}});
-                        if let Err(e) = ws.send(Message::Text(ack.to_string())).await {
+                        if let Err(e) = ws.send(Message::text(ack.to_string())).await {
                             out.error = Some(format!("send: {e}"));
                             return (None, out);
                         }

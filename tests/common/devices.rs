@@ -253,7 +253,7 @@ impl Channel {
     pub async fn send(&mut self, v: Value) {
         use futures_util::SinkExt;
         self.ws
-            .send(tokio_tungstenite::tungstenite::Message::Text(v.to_string()))
+            .send(tokio_tungstenite::tungstenite::Message::text(v.to_string()))
             .await
             .unwrap();
     }

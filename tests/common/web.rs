@@ -107,7 +107,7 @@ pub async fn websocket_backend() -> SocketAddr {
                 };
                 let hello = serde_json::to_string(&seen).unwrap();
                 if ws
-                    .send(tokio_tungstenite::tungstenite::Message::Text(hello))
+                    .send(tokio_tungstenite::tungstenite::Message::text(hello))
                     .await
                     .is_err()
                 {

@@ -5,12 +5,19 @@
 //! twice (locally and through NOTIFY) or a command acknowledged over HTTP
 //! meanwhile cannot cause a wrong delivery, and a poke that is lost costs
 //! only latency until the next one or the next connection.
+//!
+//! A channel is told things through a flag, a close reason and a
+//! [`Notify`] (about 100 bytes, held for as long as the channel is open)
+//! rather than a queue: a tokio mpsc channel allocates its first block of
+//! 32 slots up front, over a KiB per idle channel, for messages that
+//! coalesce anyway (one pending poke is as good as ten; the first close
+//! reason wins).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChannelMsg {
@@ -20,10 +27,44 @@ pub enum ChannelMsg {
     Close(String),
 }
 
+/// One open channel, shared by the hub and the channel's task.
+#[derive(Default)]
+pub struct Channel {
+    notify: Notify,
+    poked: AtomicBool,
+    close: OnceLock<String>,
+}
+
+impl Channel {
+    /// The next thing the channel is told; a close wins over a poke.
+    /// Cancel-safe: nothing is taken until it is returned.
+    pub async fn recv(&self) -> ChannelMsg {
+        loop {
+            if let Some(reason) = self.close.get() {
+                return ChannelMsg::Close(reason.clone());
+            }
+            if self.poked.swap(false, Ordering::AcqRel) {
+                return ChannelMsg::Poke;
+            }
+            // A notify_one before this wait is kept as a permit.
+            self.notify.notified().await;
+        }
+    }
+
+    fn poke(&self) {
+        self.poked.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn close(&self, reason: &str) {
+        let _ = self.close.set(reason.to_string());
+        self.notify.notify_one();
+    }
+}
+
 #[derive(Default)]
 pub struct Hub {
-    next: AtomicU64,
-    channels: Mutex<HashMap<String, (u64, mpsc::Sender<ChannelMsg>)>>,
+    channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
 }
 
 impl Hub {
@@ -31,58 +72,47 @@ impl Hub {
     /// on this balancer is told to close (the device reconnected; the old
     /// TCP connection may not be dead yet, and two channels would get
     /// every command twice).
-    pub fn register(&self, device_id: &str) -> (u64, mpsc::Receiver<ChannelMsg>) {
-        // Small buffer: pokes coalesce (one pending poke is as good as ten).
-        let (tx, rx) = mpsc::channel(4);
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let old = self.lock().insert(device_id.to_string(), (id, tx));
-        if let Some((_, old)) = old {
-            let _ = old.try_send(ChannelMsg::Close("replaced by a newer connection".into()));
+    pub fn register(&self, device_id: &Arc<str>) -> Arc<Channel> {
+        let channel = Arc::new(Channel::default());
+        let old = self.lock().insert(device_id.clone(), channel.clone());
+        if let Some(old) = old {
+            old.close("replaced by a newer connection");
         }
-        (id, rx)
+        channel
     }
 
     /// Remove the channel, unless a newer one replaced it.
-    pub fn unregister(&self, device_id: &str, id: u64) {
+    pub fn unregister(&self, device_id: &str, channel: &Arc<Channel>) {
         let mut channels = self.lock();
-        if channels.get(device_id).is_some_and(|(cur, _)| *cur == id) {
+        if channels
+            .get(device_id)
+            .is_some_and(|cur| Arc::ptr_eq(cur, channel))
+        {
             channels.remove(device_id);
         }
     }
 
     pub fn poke(&self, device_id: &str) {
-        if let Some((_, tx)) = self.lock().get(device_id) {
-            // Full means a poke is already queued: nothing is lost.
-            let _ = tx.try_send(ChannelMsg::Poke);
+        if let Some(ch) = self.lock().get(device_id) {
+            ch.poke();
         }
     }
 
     pub fn poke_all(&self) {
-        for (_, tx) in self.lock().values() {
-            let _ = tx.try_send(ChannelMsg::Poke);
+        for ch in self.lock().values() {
+            ch.poke();
         }
     }
 
     pub fn close(&self, device_id: &str, reason: &str) {
-        if let Some((_, tx)) = self.lock().remove(device_id) {
-            Self::send_close(tx, reason);
+        if let Some(ch) = self.lock().remove(device_id) {
+            ch.close(reason);
         }
     }
 
     pub fn close_all(&self, reason: &str) {
-        for (_, (_, tx)) in self.lock().drain() {
-            Self::send_close(tx, reason);
-        }
-    }
-
-    /// Close messages must not be dropped on a full queue: send from a
-    /// task (the channel task drains its queue promptly).
-    fn send_close(tx: mpsc::Sender<ChannelMsg>, reason: &str) {
-        let msg = ChannelMsg::Close(reason.to_string());
-        if let Err(mpsc::error::TrySendError::Full(msg)) = tx.try_send(msg) {
-            tokio::spawn(async move {
-                let _ = tx.send(msg).await;
-            });
+        for (_, ch) in self.lock().drain() {
+            ch.close(reason);
         }
     }
 
@@ -98,7 +128,7 @@ impl Hub {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, mpsc::Sender<ChannelMsg>)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Arc<Channel>>> {
         self.channels.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -106,30 +136,63 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    async fn next(ch: &Channel) -> Option<ChannelMsg> {
+        tokio::time::timeout(Duration::from_millis(100), ch.recv())
+            .await
+            .ok()
+    }
 
     #[tokio::test]
     async fn newer_channel_replaces_older_and_pokes_coalesce() {
         let hub = Hub::default();
-        let (a, mut rx_a) = hub.register("d1");
-        let (b, mut rx_b) = hub.register("d1");
+        let d1: Arc<str> = "d1".into();
+        let a = hub.register(&d1);
+        let b = hub.register(&d1);
         assert_eq!(
-            rx_a.recv().await,
+            next(&a).await,
             Some(ChannelMsg::Close("replaced by a newer connection".into()))
         );
         // The old channel's late unregister leaves the new one in place.
-        hub.unregister("d1", a);
+        hub.unregister("d1", &a);
         assert!(hub.is_connected("d1"));
         for _ in 0..100 {
             hub.poke("d1");
         }
-        assert_eq!(rx_b.recv().await, Some(ChannelMsg::Poke));
+        assert_eq!(next(&b).await, Some(ChannelMsg::Poke));
+        assert_eq!(next(&b).await, None, "pokes coalesce");
+        hub.poke("d1");
         hub.close("d1", "revoked");
-        let mut last = None;
-        while let Ok(m) = rx_b.try_recv() {
-            last = Some(m);
-        }
-        assert_eq!(last, Some(ChannelMsg::Close("revoked".into())));
-        hub.unregister("d1", b);
+        // A close wins over a pending poke, and stays.
+        assert_eq!(next(&b).await, Some(ChannelMsg::Close("revoked".into())));
+        assert_eq!(next(&b).await, Some(ChannelMsg::Close("revoked".into())));
+        hub.unregister("d1", &b);
+        assert!(hub.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_poke_while_nobody_waits_is_kept() {
+        let hub = Hub::default();
+        let d: Arc<str> = "d".into();
+        let ch = hub.register(&d);
+        // Start waiting, give up (as a select! branch that lost), poke.
+        assert_eq!(next(&ch).await, None);
+        hub.poke("d");
+        assert_eq!(next(&ch).await, Some(ChannelMsg::Poke));
+        // Poked from another task while this one waits.
+        let waiter = {
+            let ch = ch.clone();
+            tokio::spawn(async move { ch.recv().await })
+        };
+        tokio::task::yield_now().await;
+        hub.poke_all();
+        assert_eq!(waiter.await.unwrap(), ChannelMsg::Poke);
+        hub.close_all("server shutting down");
+        assert_eq!(
+            next(&ch).await,
+            Some(ChannelMsg::Close("server shutting down".into()))
+        );
         assert!(hub.is_empty());
     }
 }

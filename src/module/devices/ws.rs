@@ -93,11 +93,7 @@ pub fn upgrade(
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
-                let config = WebSocketConfig {
-                    max_message_size: Some(devices.config.max_body),
-                    max_frame_size: Some(devices.config.max_body),
-                    ..Default::default()
-                };
+                let config = channel_config(devices.config.max_body);
                 let ws = WebSocketStream::from_raw_socket(
                     TokioIo::new(upgraded),
                     Role::Server,
@@ -121,11 +117,29 @@ pub fn upgrade(
     Ok(r)
 }
 
+/// The channel's WebSocket settings. tungstenite allocates its read buffer
+/// up front and keeps it (and its write buffer's largest size) for the
+/// connection's life; its defaults (128 KiB each) are for throughput, not
+/// for tens of thousands of idle channels. Device messages are small
+/// JSON (acks, pongs): a larger frame grows the buffer to its length
+/// anyway, and is read in `READ_BUFFER` pieces from the TLS session's
+/// plaintext, without a system call each. Writes go out as they are made
+/// (every send is flushed at once regardless).
+fn channel_config(max_body: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(max_body))
+        .max_frame_size(Some(max_body))
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+}
+
+const READ_BUFFER: usize = 512;
+
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
 async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
+    let channel = devices.hub.register(&id);
     let id = id.to_string();
-    let (conn, mut rx) = devices.hub.register(&id);
     // Recorded beside the channel rather than before it: when thousands of
     // devices reconnect at once these commits queue, and a channel waiting
     // for its turn would hold its connection's handshake buffers (hyper's
@@ -156,7 +170,7 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
                     match msg {
                         Some(Ok(Message::Text(t))) => {
                             let answer = on_text(&devices, &id, t.as_bytes()).await;
-                            if ws.send(Message::Text(answer.to_string())).await.is_err() {
+                            if ws.send(Message::text(answer.to_string())).await.is_err() {
                                 break "send failed".to_string();
                             }
                         }
@@ -164,7 +178,7 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
                         Some(Ok(Message::Ping(_))) | Some(Ok(Message::Frame(_))) => {}
                         Some(Ok(Message::Binary(_))) => {
                             let e = json!({"type": "error", "error": "binary messages are not supported"});
-                            if ws.send(Message::Text(e.to_string())).await.is_err() {
+                            if ws.send(Message::text(e.to_string())).await.is_err() {
                                 break "send failed".to_string();
                             }
                         }
@@ -172,18 +186,17 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
                         Some(Err(e)) => break format!("error: {e}"),
                     }
                 }
-                m = rx.recv() => match m {
-                    Some(ChannelMsg::Poke) => {
+                m = channel.recv() => match m {
+                    ChannelMsg::Poke => {
                         if let Err(r) = deliver(&devices, &id, &mut ws, &mut sent).await {
                             break r;
                         }
                     }
-                    Some(ChannelMsg::Close(reason)) => {
+                    ChannelMsg::Close(reason) => {
                         let frame = CloseFrame { code: CloseCode::Policy, reason: reason.clone().into() };
                         let _ = tokio::time::timeout(Duration::from_secs(5), ws.close(Some(frame))).await;
                         break reason;
                     }
-                    None => break "hub closed".to_string(),
                 },
                 _ = ping.tick() => {
                     // Two intervals without a word (a pong counts): the
@@ -191,14 +204,14 @@ async fn run(devices: Arc<Devices>, id: Arc<str>, mut ws: Ws) {
                     if heard.elapsed() > ping_every * 2 {
                         break "no answer to pings".to_string();
                     }
-                    if ws.send(Message::Ping(Vec::new())).await.is_err() {
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
                         break "send failed".to_string();
                     }
                 }
             }
         },
     };
-    devices.hub.unregister(&id, conn);
+    devices.hub.unregister(&id, &channel);
     // Cleared only after it was set, or the stale node would stay.
     let _ = recording.await;
     if let Err(e) = devices
@@ -232,7 +245,7 @@ async fn deliver(
         if sent.contains(&c.id) {
             continue;
         }
-        ws.send(Message::Text(command_message(&c).to_string()))
+        ws.send(Message::text(command_message(&c).to_string()))
             .await
             .map_err(|e| format!("send failed: {e}"))?;
         sent.insert(c.id);
