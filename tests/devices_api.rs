@@ -221,6 +221,70 @@ async fn a_reconnecting_device_gets_what_it_missed() {
     );
 }
 
+/// An idle channel is parked (a second without traffic; see ws.rs) and
+/// set up again by whatever comes: a queued command, the device's own
+/// message (a fragmented one too), the ping timer. Nothing is lost on the
+/// way, and the pings keep it open past two intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_channel_wakes_for_commands_messages_and_pings() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let parked = Duration::from_millis(1500);
+    // Waiting while reading: the client answers pings meanwhile.
+    async fn idle(ch: &mut common::devices::Channel, d: Duration) {
+        assert!(ch.next(d).await.is_none(), "nothing comes");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let lb = DevicesLb::start(dir.path(), r#"ws_ping = "2s""#).await;
+    let device = lb.enrol("kiosk").await;
+    let path = format!("devices/{}/commands", device.id);
+    let mut ch = lb.channel(&device).await;
+    idle(&mut ch, parked).await;
+
+    // A poke wakes it.
+    let (_, c1) = lb
+        .admin("POST", &path, Some(&json!({"kind": "reboot"})))
+        .await;
+    let got = ch.next(WAIT).await.expect("command on a parked channel");
+    assert_eq!(got["id"], c1["id"]);
+    idle(&mut ch, parked).await;
+
+    // The device's message wakes it; this one comes in two fragments with
+    // a pause between them (no parking in the middle of a message).
+    let ack = json!({"type": "ack", "id": c1["id"], "status": "ok"}).to_string();
+    let (a, b) = ack.split_at(10);
+    let first = Frame::message(a.as_bytes().to_vec(), OpCode::Data(Data::Text), false);
+    let last = Frame::message(b.as_bytes().to_vec(), OpCode::Data(Data::Continue), true);
+    ch.ws.send(Message::Frame(first)).await.unwrap();
+    idle(&mut ch, parked).await;
+    ch.ws.send(Message::Frame(last)).await.unwrap();
+    assert_eq!(
+        ch.next(WAIT).await.unwrap(),
+        json!({"type": "acked", "id": c1["id"]})
+    );
+
+    // Idle through three ping intervals (the client answers while it
+    // reads): still open, and still delivering.
+    idle(&mut ch, Duration::from_secs(5)).await;
+    let (_, st) = lb
+        .admin("GET", &format!("devices/{}", device.id), None)
+        .await;
+    assert_eq!(st["channel_here"], true, "{st}");
+    let (_, c2) = lb
+        .admin("POST", &path, Some(&json!({"kind": "reboot"})))
+        .await;
+    assert_eq!(ch.next(WAIT).await.unwrap()["id"], c2["id"]);
+
+    // A revocation closes a parked channel too.
+    idle(&mut ch, parked).await;
+    lb.admin("POST", &format!("devices/{}/revoke", device.id), None)
+        .await;
+    assert!(ch.next(WAIT).await.is_none(), "closed on revocation");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();

@@ -14,7 +14,7 @@
 //! reason wins).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::sync::Notify;
@@ -33,6 +33,9 @@ pub struct Channel {
     notify: Notify,
     poked: AtomicBool,
     close: OnceLock<String>,
+    /// Where the store's record of this channel is: for ws.rs, which
+    /// writes and clears it from two tasks.
+    pub recorded: AtomicU8,
 }
 
 impl Channel {

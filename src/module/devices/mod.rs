@@ -26,6 +26,7 @@ pub mod heartbeat;
 pub mod http;
 pub mod hub;
 pub mod model;
+mod park;
 pub mod service;
 pub mod settings;
 pub mod store;
