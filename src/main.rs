@@ -8,6 +8,9 @@ use clap::{Parser, Subcommand};
 
 use fleetgate::{admin, config, logging, metrics::Metrics, runtime};
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "fleetgate",
