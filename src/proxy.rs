@@ -42,12 +42,11 @@ pub fn spawn<G: Send + 'static>(
         }),
         ModeRuntime::Offload(offload) => {
             let offload = offload.clone();
-            let name = ctx.plan.name.clone();
-            // The offload path needs only the listener's name and its
-            // offload state, not the whole plan.
+            // The offload path needs only its offload state (which has
+            // the listener's name), not the whole plan.
             drop(ctx);
             tokio::spawn(async move {
-                crate::http::server::serve(client, peer, &name, offload).await;
+                crate::http::server::serve(client, peer, offload).await;
                 drop(guard);
             })
         }

@@ -382,6 +382,7 @@ impl Runtime {
                     })
                     .collect();
                 ModeRuntime::Offload(Arc::new(Offload {
+                    name: l.name.as_str().into(),
                     tls: o.tls.clone(),
                     revocation: o.revocation.clone(),
                     http: o.http.clone(),

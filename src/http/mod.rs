@@ -48,9 +48,10 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     /// `peer`'s address as an X-Forwarded-For value.
     pub peer_value: HeaderValue,
-    pub listener: String,
+    pub listener: Arc<str>,
     pub sni: Option<String>,
-    pub alpn: Option<Vec<u8>>,
+    /// ALPN chose HTTP/2.
+    pub h2: bool,
     pub client_cert: Option<Arc<ClientCert>>,
 }
 
@@ -166,6 +167,8 @@ impl OffloadMetrics {
 
 /// Everything an offload listener needs, rebuilt on reload.
 pub struct Offload {
+    /// The listener's name, shared by its connections.
+    pub name: Arc<str>,
     pub tls: Arc<rustls::ServerConfig>,
     pub revocation: Option<crate::tls::revocation::RevocationList>,
     pub http: HttpPlan,

@@ -23,7 +23,8 @@ use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
 use crate::tls::server_stream::ServerStream;
 
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Arc<Offload>) {
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
+    let listener = &*offload.name;
     let m = &offload.metrics;
     // The handshake state and the stream live on the heap: inline, each
     // would be part of this task's future (sized once, at spawn, for its
@@ -32,7 +33,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
         offload.http.handshake_timeout,
         ServerStream::accept(tcp, offload.tls.clone()),
     ));
-    let tls: Box<Tls> = match handshake.await {
+    let mut tls: Box<Tls> = match handshake.await {
         Ok(Ok(s)) => Box::new(s),
         Ok(Err(e)) => {
             let cert_problem = e
@@ -83,22 +84,24 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, listener: &str, offload: Ar
         Some(rustls::ProtocolVersion::TLSv1_2) => "1.2",
         _ => "other",
     };
-    let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+    let alpn = session.alpn_protocol();
     m.handshake_version(
         version,
-        alpn.as_deref()
-            .map_or("none", |a| std::str::from_utf8(a).unwrap_or("other")),
+        alpn.map_or("none", |a| std::str::from_utf8(a).unwrap_or("other")),
     );
+    let h2 = alpn == Some(b"h2");
+    // Everything a connection keeps for its whole life is kept once:
+    // the listener's name is shared, the server name moves out of the
+    // TLS stream.
     let conn = Arc::new(ConnInfo {
         peer,
         peer_value: super::headers::peer_value(peer.ip()),
-        listener: listener.to_string(),
-        sni: tls.server_name().map(str::to_string),
-        alpn,
+        listener: offload.name.clone(),
+        sni: tls.take_server_name(),
+        h2,
         client_cert,
     });
 
-    let h2 = conn.alpn.as_deref() == Some(b"h2");
     let svc = Svc {
         offload: offload.clone(),
         conn,
@@ -132,13 +135,6 @@ async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
 /// hyper had read but not parsed go to the next hyper connection first.
 async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(http.header_timeout)
-        .max_buf_size(http.max_header_bytes.max(8192))
-        .max_headers(http.max_headers)
-        .keep_alive(true);
     let activity = svc.activity.clone().unwrap_or_default();
     let mut io = Io {
         tls,
@@ -156,8 +152,11 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
             }
         }
         activity.start_cycle();
+        // A builder per hyper connection rather than one for the
+        // connection's life: a parked connection then holds none (nor
+        // the timer it allocates).
         let mut conn = Box::new(
-            builder
+            h1_builder(http)
                 .serve_connection(TokioIo::new(io), svc.clone())
                 .with_upgrades(),
         );
@@ -218,6 +217,17 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
 }
 
 type Tls = ServerStream;
+
+fn h1_builder(http: &super::HttpPlan) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(http.header_timeout)
+        .max_buf_size(http.max_header_bytes.max(8192))
+        .max_headers(http.max_headers)
+        .keep_alive(true);
+    builder
+}
 
 /// How long hyper stays set up on an HTTP/1 connection after a response
 /// before it is put away: longer than a busy client's round trip, short

@@ -56,7 +56,7 @@ pub async fn handle(
             offload.cert_headers.strip(req.headers_mut());
             let ctx = crate::module::RequestContext {
                 peer: conn.peer,
-                listener: conn.listener.clone(),
+                listener: conn.listener.to_string(),
                 route: route.plan.name.clone(),
                 sni: conn.sni.clone(),
                 client_cert: conn.client_cert.clone(),

@@ -161,6 +161,11 @@ impl ServerStream {
         self.sni.as_deref()
     }
 
+    /// The server name, moved out (for a record kept elsewhere).
+    pub fn take_server_name(&mut self) -> Option<String> {
+        self.sni.take()
+    }
+
     pub fn tcp(&self) -> &TcpStream {
         &self.tcp
     }
