@@ -133,11 +133,7 @@ impl ServerStream {
             // span several reads).
             let start = s.incoming.len();
             s.incoming.resize(start + CHUNK, 0);
-            let n = poll_fn(|cx| poll_read_socket(&s.tcp, cx, &mut s.incoming[start..])).await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => return Err(e),
-            };
+            let n = poll_fn(|cx| poll_read_socket(&s.tcp, cx, &mut s.incoming[start..])).await?;
             s.incoming.truncate(start + n);
             if n == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
