@@ -23,10 +23,9 @@ fn inputs(dir: &Path) -> Vec<PathBuf> {
 /// be replayed.
 #[test]
 fn every_fuzz_target_is_replayed() {
-    let manifest = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml"),
-    )
-    .unwrap();
+    let manifest =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/Cargo.toml"))
+            .unwrap();
     let mut bins: Vec<&str> = manifest
         .lines()
         .filter_map(|l| l.trim().strip_prefix("name = \""))
