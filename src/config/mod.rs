@@ -50,12 +50,19 @@ pub fn parse_with(
             let segs = parse_serde_path(&key);
             locate::offset_of(text, &segs)
         });
+        let message = match inner.message() {
+            // The TOML parser has no words for some syntax errors (a
+            // control character in a comment, for one): name what it
+            // stopped at rather than print an empty message.
+            m if m.trim().is_empty() => syntax_error_at(text, offset),
+            m => m.to_string(),
+        };
         at(
             text,
             path,
             offset,
             if key == "." { String::new() } else { key },
-            inner.message().to_string(),
+            message,
         )
     })?;
     let kinds: Vec<&str> = modules.kinds().collect();
@@ -73,6 +80,18 @@ fn at(text: &str, path: &Path, offset: Option<usize>, key: String, message: Stri
         column,
         key,
         message,
+    }
+}
+
+/// "invalid TOML" and the character at `offset`, for an error the parser
+/// gave no message.
+fn syntax_error_at(text: &str, offset: Option<usize>) -> String {
+    let next = offset
+        .and_then(|o| text.get(o..))
+        .and_then(|rest| rest.chars().next());
+    match next {
+        Some(c) => format!("invalid TOML: unexpected character {c:?}"),
+        None => "invalid TOML: unexpected end of file".to_string(),
     }
 }
 
@@ -98,4 +117,18 @@ fn parse_serde_path(s: &str) -> Vec<error::Seg> {
         }
     }
     segs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The TOML parser reports a NUL in a comment with an empty message;
+    /// found by the `config` fuzz target.
+    #[test]
+    fn a_syntax_error_without_words_still_says_what_is_wrong() {
+        let e = parse("# a comment \0 with a NUL\n", Path::new("f.toml")).unwrap_err();
+        assert_eq!(e.line, 1);
+        assert!(e.message.contains("unexpected character '\\0'"), "{e}");
+    }
 }
