@@ -43,12 +43,12 @@ for t in "${targets[@]}"; do
   echo "== $t: $RUNS runs"
   start=$(date +%s)
   if ! cargo "$TOOLCHAIN" fuzz run --release -s "$SANITIZER" "$t" "corpus/$t" -- \
-      -runs="$RUNS" -print_final_stats=1 "${extra[@]}" 2>&1 | tee "$log" | grep -E '^#[0-9]+ +(INITED|DONE)|ERROR|panicked'; then
+      -runs="$RUNS" -print_final_stats=1 "${extra[@]}" 2>&1 | tee "$log" | grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|ERROR|panicked'; then
     :
   fi
   secs=$(( $(date +%s) - start ))
   # libFuzzer's final line: "#N DONE cov: C ft: F corp: K/..."
-  done_line=$(grep -E '^#[0-9]+ +DONE' "$log" | tail -1 || true)
+  done_line=$(grep -E '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)
   if [ -z "$done_line" ]; then
     echo "!! $t did not finish: see artifacts/$t/ and the log above"
     tail -30 "$log"
