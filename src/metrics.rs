@@ -32,6 +32,40 @@ pub struct Metrics {
     pub heartbeats_rejected: IntCounterVec,
     pub discovery_nodes: IntGaugeVec,
     pub discovery_heartbeat_age: prometheus::GaugeVec,
+    pub http_hardening: HttpHardening,
+}
+
+/// Request hardening on offload listeners: what was dropped, retried or
+/// cut off rather than answered with an error.
+pub struct HttpHardening {
+    pub headers_dropped: IntCounterVec,
+    pub upstream_retries: IntCounterVec,
+    pub http2_closed: IntCounterVec,
+}
+
+impl HttpHardening {
+    fn new(r: &Registry) -> Self {
+        HttpHardening {
+            headers_dropped: counter(
+                r,
+                "http_headers_dropped_total",
+                "Client request headers removed, by reason (underscore, lookalike).",
+                &["listener", "reason"],
+            ),
+            upstream_retries: counter(
+                r,
+                "http_upstream_retries_total",
+                "Requests sent again to another backend after a connection failed before any response byte.",
+                &["listener"],
+            ),
+            http2_closed: counter(
+                r,
+                "http2_connections_closed_total",
+                "HTTP/2 client connections closed for exceeding a bound, by reason.",
+                &["listener", "reason"],
+            ),
+        }
+    }
 }
 
 /// Reasons a connection is closed before it reaches a backend.
@@ -107,6 +141,7 @@ impl Metrics {
         Metrics {
             heartbeats_accepted: accepted,
             discovery_heartbeat_age: age,
+            http_hardening: HttpHardening::new(&r),
             heartbeats_rejected: counter(
                 &r,
                 "discovery_heartbeats_rejected_total",

@@ -24,6 +24,21 @@ pub enum Unreachable {
 pub async fn first_success<T, F, Fut>(
     pool: &Pool,
     client: IpAddr,
+    attempt: F,
+) -> Result<(usize, T), Unreachable>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    first_success_excluding(pool, client, &[], attempt).await
+}
+
+/// [`first_success`] among the backends not in `exclude` (those a
+/// request already failed on).
+pub async fn first_success_excluding<T, F, Fut>(
+    pool: &Pool,
+    client: IpAddr,
+    exclude: &[usize],
     mut attempt: F,
 ) -> Result<(usize, T), Unreachable>
 where
@@ -31,8 +46,9 @@ where
     Fut: Future<Output = Result<T, String>>,
 {
     let policy = pool.passive_policy();
-    let attempts = pool.plan.retries as usize + 1;
+    let attempts = pool.plan.retries as usize + 1 + exclude.len();
     let mut tried: Vec<usize> = Vec::with_capacity(attempts);
+    tried.extend_from_slice(exclude);
     while tried.len() < attempts {
         let Some(index) = pool.pick(client, &tried) else {
             break;
@@ -53,7 +69,7 @@ where
             }
         }
     }
-    Err(if tried.is_empty() {
+    Err(if tried.len() == exclude.len() {
         Unreachable::NoBackend
     } else {
         Unreachable::AllFailed

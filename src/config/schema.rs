@@ -185,6 +185,41 @@ pub struct Listener {
     pub upstream_idle_timeout: ConfigDuration,
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout: ConfigDuration,
+    /// Keep request headers whose names contain `_` (dropped by default:
+    /// CGI-style backends read `X_SSL_CERT` as `X-SSL-CERT`).
+    #[serde(default)]
+    pub allow_underscores_in_headers: bool,
+    #[serde(default)]
+    pub http2: Http2Limits,
+}
+
+/// `[listener.http2]`: bounds on what one HTTP/2 client connection may
+/// make the balancer hold or do (rapid reset, CONTINUATION and SETTINGS
+/// floods).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http2Limits {
+    pub max_concurrent_streams: u32,
+    pub max_pending_accept_reset_streams: usize,
+    pub max_local_error_reset_streams: usize,
+    pub max_send_buf_size: usize,
+    /// SETTINGS, PING and RST_STREAM frames a client may send at once...
+    pub control_frame_burst: u32,
+    /// ...and per second after that, before its connection is closed.
+    pub control_frames_per_second: u32,
+}
+
+impl Default for Http2Limits {
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 100,
+            max_pending_accept_reset_streams: 20,
+            max_local_error_reset_streams: 128,
+            max_send_buf_size: 64 * 1024,
+            control_frame_burst: 1000,
+            control_frames_per_second: 100,
+        }
+    }
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

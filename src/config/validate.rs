@@ -604,8 +604,50 @@ fn offload(
             upstream_keepalive: l.upstream_keepalive,
             upstream_idle_timeout: l.upstream_idle_timeout.0,
             handshake_timeout: l.handshake_timeout.0,
+            allow_underscores_in_headers: l.allow_underscores_in_headers,
+            http2: http2_limits(&l.http2, i)?,
         },
     })
+}
+
+/// `[listener.http2]`: every bound must leave room for ordinary clients.
+fn http2_limits(
+    h: &schema::Http2Limits,
+    i: usize,
+) -> Result<crate::http::h2_guard::Http2Plan, SemanticError> {
+    let at_least = |key: &str, v: usize, min: usize| {
+        if v < min {
+            Err(SemanticError::new(
+                key_path!["listener", i, "http2", key],
+                format!("{key} must be at least {min}"),
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    at_least(
+        "max_concurrent_streams",
+        h.max_concurrent_streams as usize,
+        1,
+    )?;
+    at_least(
+        "max_pending_accept_reset_streams",
+        h.max_pending_accept_reset_streams,
+        1,
+    )?;
+    at_least(
+        "max_local_error_reset_streams",
+        h.max_local_error_reset_streams,
+        1,
+    )?;
+    at_least("max_send_buf_size", h.max_send_buf_size, 1024)?;
+    at_least("control_frame_burst", h.control_frame_burst as usize, 10)?;
+    at_least(
+        "control_frames_per_second",
+        h.control_frames_per_second as usize,
+        1,
+    )?;
+    Ok(h.into())
 }
 
 /// What TLS settings may refer to besides files next to the config.

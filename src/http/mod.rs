@@ -3,6 +3,8 @@
 
 pub mod activity;
 pub mod at_end;
+pub mod h2_guard;
+pub mod head;
 pub mod headers;
 pub mod route;
 pub mod server;
@@ -78,6 +80,10 @@ pub struct HttpPlan {
     pub upstream_keepalive: usize,
     pub upstream_idle_timeout: Duration,
     pub handshake_timeout: Duration,
+    /// Keep request headers whose names contain `_` (look-alikes of the
+    /// headers the balancer sets still go).
+    pub allow_underscores_in_headers: bool,
+    pub http2: h2_guard::Http2Plan,
 }
 
 impl HttpPlan {
@@ -113,6 +119,14 @@ pub struct OffloadMetrics {
     pub no_backend: IntCounter,
     pub upstream_failed: IntCounter,
     pub upstream_timeout: IntCounter,
+    /// Several, missing or invalid Host (400).
+    pub bad_host_header: IntCounter,
+    /// A request body the client broke off or framed wrongly (400).
+    pub bad_request_body: IntCounter,
+    pub dropped_underscore: IntCounter,
+    pub dropped_lookalike: IntCounter,
+    pub upstream_retries: IntCounter,
+    pub h2_control_flood: IntCounter,
     metrics: Arc<Metrics>,
     listener: String,
 }
@@ -122,6 +136,7 @@ impl OffloadMetrics {
         let hs = |r| m.tls_handshakes.with_label_values(&[listener, r]);
         let cert = |s| m.client_certs.with_label_values(&[listener, s]);
         let err = |k| m.http_errors.with_label_values(&[listener, k]);
+        let hard = &m.http_hardening;
         OffloadMetrics {
             handshake_ok: hs("ok"),
             handshake_failed: hs("failed"),
@@ -135,6 +150,18 @@ impl OffloadMetrics {
             no_backend: err("no_backend"),
             upstream_failed: err("upstream_failed"),
             upstream_timeout: err("upstream_timeout"),
+            bad_host_header: err("bad_host_header"),
+            bad_request_body: err("bad_request_body"),
+            dropped_underscore: hard
+                .headers_dropped
+                .with_label_values(&[listener, "underscore"]),
+            dropped_lookalike: hard
+                .headers_dropped
+                .with_label_values(&[listener, "lookalike"]),
+            upstream_retries: hard.upstream_retries.with_label_values(&[listener]),
+            h2_control_flood: hard
+                .http2_closed
+                .with_label_values(&[listener, "control_frames"]),
             metrics: m.clone(),
             listener: listener.to_string(),
         }

@@ -75,31 +75,6 @@ impl RoutePlan {
     }
 }
 
-/// The host a request is for, lowercase and without port: HTTP/2's
-/// `:authority`, else the `Host` header.
-pub fn request_host<B>(req: &hyper::Request<B>) -> String {
-    // Borrowed until the one lowercase copy.
-    let raw = match req.uri().authority() {
-        Some(a) => a.host(),
-        None => req
-            .headers()
-            .get(hyper::header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map_or("", strip_port),
-    };
-    raw.to_ascii_lowercase()
-}
-
-fn strip_port(h: &str) -> &str {
-    if let Some(rest) = h.strip_prefix('[') {
-        // [v6]:port
-        return rest.split(']').next().unwrap_or("");
-    }
-    h.rsplit_once(':')
-        .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-        .map_or(h, |(host, _)| host)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -112,8 +87,6 @@ mod tests {
         assert!(!w.matches("example.com"));
         assert!(!w.matches("badexample.com"));
         assert!(HostMatch::parse("a.*.com").is_err());
-        assert_eq!(strip_port("a.example:8443"), "a.example");
-        assert_eq!(strip_port("[::1]:8443"), "::1");
     }
 
     #[test]

@@ -125,7 +125,10 @@ async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         .timer(TokioTimer::new())
         .max_header_list_size(http.max_header_bytes as u32)
         .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
-    builder.serve_connection(TokioIo::new(tls), svc).await
+    http.http2.apply(&mut builder);
+    let tripped = svc.offload.metrics.h2_control_flood.clone();
+    let io = super::h2_guard::Guarded::new(tls, &http.http2, tripped);
+    builder.serve_connection(TokioIo::new(io), svc).await
 }
 
 /// HTTP/1.1 with keep-alive. hyper serves requests for as long as they

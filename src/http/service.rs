@@ -6,13 +6,13 @@ use std::time::Instant;
 
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body as _, Bytes, Incoming};
-use hyper::header::{HeaderValue, CONNECTION, HOST, STRICT_TRANSPORT_SECURITY, UPGRADE};
+use hyper::header::{HeaderValue, CONNECTION, STRICT_TRANSPORT_SECURITY, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
 use super::activity::BodyWatch;
 use super::at_end::AtEnd;
+use super::head::{self, Rejected};
 use super::headers::{self, strip_hop_by_hop};
-use super::route::request_host;
 use super::upstream::{Body, GiveBack, PooledBody, Upstream};
 use super::{ConnInfo, Offload, RouteRuntime, TargetRuntime};
 use crate::balance::connect::Unreachable;
@@ -24,30 +24,38 @@ pub async fn handle(
     body_watch: BodyWatch,
 ) -> Response<Body> {
     let started = Instant::now();
-    let host = request_host(&req);
-    if let Some(allowed) = &offload.http.allowed_hosts {
-        if !allowed.iter().any(|h| h.matches(&host)) {
-            offload.metrics.bad_host.inc();
-            return finish(
-                &offload,
-                None,
-                started,
-                error(StatusCode::MISDIRECTED_REQUEST, "unknown host\n"),
-            );
+    let (mut parts, body) = req.into_parts();
+    let routes = offload.routes.iter().map(|r| &r.plan);
+    let decision = head::decide(&mut parts, &offload.http, &offload.cert_headers, routes);
+    let m = &offload.metrics;
+    m.dropped_underscore.inc_by(decision.dropped.underscore);
+    m.dropped_lookalike.inc_by(decision.dropped.lookalike);
+    let routed = match decision.outcome {
+        Ok(r) => r,
+        Err(rejected) => {
+            let resp = match rejected {
+                Rejected::BadHost => {
+                    m.bad_host_header.inc();
+                    error(StatusCode::BAD_REQUEST, "bad Host header\n")
+                }
+                Rejected::HostNotAllowed => {
+                    m.bad_host.inc();
+                    error(StatusCode::MISDIRECTED_REQUEST, "unknown host\n")
+                }
+                Rejected::NoRoute => {
+                    m.no_route.inc();
+                    error(StatusCode::NOT_FOUND, "no route\n")
+                }
+            };
+            return finish(&offload, None, started, resp);
         }
-    }
-    let path = req.uri().path();
-    let Some(route) = offload.routes.iter().find(|r| r.plan.matches(&host, path)) else {
-        offload.metrics.no_route.inc();
-        return finish(
-            &offload,
-            None,
-            started,
-            error(StatusCode::NOT_FOUND, "no route\n"),
-        );
     };
+    let route = &offload.routes[routed.route];
+    let req = Request::from_parts(parts, body);
     let resp = match &route.target {
-        TargetRuntime::Pool(up) => proxy(&offload, route, up, &conn, req, body_watch, &host).await,
+        TargetRuntime::Pool(up) => {
+            proxy(&offload, route, up, &conn, req, body_watch, &routed.host).await
+        }
         TargetRuntime::Module(module) => {
             // The module reads the body itself, so its end is not seen
             // here: the watch keeps the connection with hyper.
@@ -153,16 +161,6 @@ async fn proxy(
     let peer = conn.peer.ip();
     let trusted = offload.http.trusts(peer);
     headers::set_forwarded(&mut parts.headers, &conn.peer_value, trusted, host);
-    if !parts.headers.contains_key(HOST) {
-        // HTTP/2 carries the host in :authority; HTTP/1.1 needs Host.
-        if let Some(v) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(HOST, v);
-        }
-    }
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         // Absolute form (HTTP/2, or a proxy-style HTTP/1.1 request): the
         // backend gets the origin form. An HTTP/1.1 request in origin form
@@ -183,7 +181,7 @@ async fn proxy(
     let body = AtEnd::new(body, body_watch);
     let mut request = Request::from_parts(parts, body.boxed());
 
-    let mut checkout = match up.checkout(peer, upgrade, upgrade).await {
+    let mut checkout = match up.checkout(peer, upgrade, upgrade, &[]).await {
         Ok(c) => c,
         Err(Unreachable::NoBackend) => {
             offload.metrics.no_backend.inc();
@@ -194,57 +192,82 @@ async fn proxy(
             return error(StatusCode::BAD_GATEWAY, "backend unreachable\n");
         }
     };
-    let backend = up.pool.members[checkout.index].backend.clone();
-    let _open = backend.track();
     let timeout = offload.http.response_timeout;
     // hyper hands back a request it did not start writing (the connection
-    // was found closed first), so that case needs no copy. A copy is kept
-    // only for the race where the backend closes a connection while the
-    // request is on its way: that happens to a connection that sat idle
-    // about as long as the backend's keep-alive timeout, not to one given
-    // back a moment ago, and copying every request's headers for it cost
-    // an allocation per header map.
+    // was found closed first), so that case needs no copy. A request that
+    // was written when its connection failed can be sent again only from
+    // a copy of its head: one is kept when the request has no body and
+    // there is somewhere to send it again, another backend of the pool or
+    // a new connection for one that sat idle about as long as a backend's
+    // keep-alive timeout (one given back a moment ago is not closed under
+    // it, and copying every request's headers cost an allocation per
+    // header map on single-backend pools).
+    let elsewhere = up.pool.members.len() > 1;
     let template = match checkout.idled {
-        Some(idled) if resendable && idled >= RACY_IDLE => Some(copy_head(&request)),
+        _ if !resendable => None,
+        _ if elsewhere => Some(copy_head(&request)),
+        Some(idled) if idled >= RACY_IDLE => Some(copy_head(&request)),
         _ => None,
     };
-    let result = loop {
-        let sent = tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await;
-        let again = match sent {
-            Ok(Err(mut e)) if checkout.idled.is_some() => match e.take_message() {
-                Some(unsent) => unsent,
-                None => {
-                    let closed = e.error().is_canceled() || e.error().is_incomplete_message();
-                    match &template {
-                        Some(t) if closed => copy_head(t),
-                        _ => break Ok(Err(e.into_error())),
-                    }
-                }
-            },
-            Ok(r) => break Ok(r.map_err(|e| e.into_error())),
-            Err(elapsed) => break Err(elapsed),
+    // Backends this request failed on, each tried once at most.
+    let mut failed_on: Vec<usize> = Vec::new();
+    let mut stale_resent = false;
+    let mut resp = loop {
+        let backend = up.pool.members[checkout.index].backend.clone();
+        let sent = {
+            let _open = backend.track();
+            tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await
         };
-        tracing::debug!(backend = %backend.addr, "reused connection was closed by the backend; resending on a new one");
-        match up.checkout(peer, true, false).await {
-            Ok(c) => checkout = c,
+        let (unsent, e) = match sent {
+            Ok(Ok(r)) => break r,
+            Ok(Err(mut e)) => (e.take_message(), e.into_error()),
+            Err(_) => {
+                offload.metrics.upstream_timeout.inc();
+                return error(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n");
+            }
+        };
+        // hyper wraps an error of the request body it was sending (here
+        // always the client's hyper body) as a user error.
+        let body_failed =
+            e.is_user() && std::error::Error::source(&e).is_some_and(|s| s.is::<hyper::Error>());
+        if body_failed {
+            // The client's body broke off or was badly framed: its fault,
+            // not the backend's.
+            tracing::debug!(backend = %backend.addr, "client request body failed: {e}");
+            offload.metrics.bad_request_body.inc();
+            return error(StatusCode::BAD_REQUEST, "bad request body\n");
+        }
+        let broken = !(e.is_parse() || e.is_timeout());
+        let again = match (unsent, &template) {
+            (Some(r), _) => Some(r),
+            (None, Some(t)) if broken => Some(copy_head(t)),
+            _ => None,
+        };
+        let Some(again) = again else {
+            tracing::debug!(backend = %backend.addr, "upstream request failed: {e}");
+            offload.metrics.upstream_failed.inc();
+            return error(StatusCode::BAD_GATEWAY, "backend failed\n");
+        };
+        if checkout.idled.is_some() && !stale_resent {
+            // A reused connection the backend had closed: not the
+            // backend's fault, a new connection is tried once.
+            stale_resent = true;
+            tracing::debug!(backend = %backend.addr, "reused connection was closed by the backend; resending on a new one");
+        } else {
+            // Like nginx's `proxy_next_upstream error`: the next backend.
+            tracing::debug!(backend = %backend.addr, "connection failed before a response: {e}; trying the next backend");
+            backend.record_failure(up.pool.passive_policy());
+            failed_on.push(checkout.index);
+        }
+        checkout = match up.checkout(peer, true, false, &failed_on).await {
+            Ok(c) => c,
             Err(_) => {
                 offload.metrics.upstream_failed.inc();
                 return error(StatusCode::BAD_GATEWAY, "backend unreachable\n");
             }
-        }
+        };
+        offload.metrics.upstream_retries.inc();
         request = again;
-    };
-    let mut resp = match result {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            tracing::debug!(backend = %backend.addr, "upstream request failed: {e}");
-            offload.metrics.upstream_failed.inc();
-            return error(StatusCode::BAD_GATEWAY, "backend failed\n");
-        }
-        Err(_) => {
-            offload.metrics.upstream_timeout.inc();
-            return error(StatusCode::GATEWAY_TIMEOUT, "backend timed out\n");
-        }
     };
 
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {

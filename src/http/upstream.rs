@@ -97,26 +97,30 @@ impl Upstream {
     /// A connection to a backend chosen by the pool, reusing an idle one
     /// when there is one; `fresh` forces a new connection (upgrades, and
     /// the retry after a reused connection turned out dead).
+    /// Backends in `exclude` are not chosen (a request's earlier tries).
     pub async fn checkout(
         &self,
         client: IpAddr,
         fresh: bool,
         upgrades: bool,
+        exclude: &[usize],
     ) -> Result<Checkout, Unreachable> {
-        let (index, (sender, idled)) = connect::first_success(&self.pool, client, |i| async move {
-            if !fresh {
-                // Given back at the end of a response, a connection is
-                // ready as soon as its task has seen that end too; one
-                // the backend closed meanwhile fails here.
-                while let Some((mut s, idled)) = self.take_idle(i) {
-                    if s.ready().await.is_ok() {
-                        return Ok((s, Some(idled)));
+        let pool = &self.pool;
+        let (index, (sender, idled)) =
+            connect::first_success_excluding(pool, client, exclude, |i| async move {
+                if !fresh {
+                    // Given back at the end of a response, a connection is
+                    // ready as soon as its task has seen that end too; one
+                    // the backend closed meanwhile fails here.
+                    while let Some((mut s, idled)) = self.take_idle(i) {
+                        if s.ready().await.is_ok() {
+                            return Ok((s, Some(idled)));
+                        }
                     }
                 }
-            }
-            self.open(i, upgrades).await.map(|s| (s, None))
-        })
-        .await?;
+                self.open(i, upgrades).await.map(|s| (s, None))
+            })
+            .await?;
         Ok(Checkout {
             index,
             sender,
