@@ -10,6 +10,7 @@ pub mod config;
 pub mod heartbeat_body;
 pub mod heartbeat_decode;
 pub mod heartbeat_roundtrip;
+pub mod request_head;
 
 /// Every target: its corpus folder name and its check.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
@@ -18,4 +19,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("heartbeat_body", heartbeat_body::run),
     ("heartbeat_decode", heartbeat_decode::run),
     ("heartbeat_roundtrip", heartbeat_roundtrip::run),
+    ("request_head", request_head::run),
 ];
