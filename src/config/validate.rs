@@ -604,8 +604,23 @@ fn offload(
             upstream_keepalive: l.upstream_keepalive,
             upstream_idle_timeout: l.upstream_idle_timeout.0,
             handshake_timeout: l.handshake_timeout.0,
+            hello_max_bytes: offload_hello_max_bytes(l, i)?,
         },
     })
+}
+
+/// `hello_max_bytes` on an offload listener: the ClientHello is measured
+/// before rustls parses it, and a limit below what real clients send
+/// (about 2 KiB with a post-quantum key share) would lock them out.
+fn offload_hello_max_bytes(l: &schema::Listener, i: usize) -> Result<usize, SemanticError> {
+    const MIN: usize = 4096;
+    if l.hello_max_bytes < MIN {
+        return Err(SemanticError::new(
+            key_path!["listener", i, "hello_max_bytes"],
+            format!("hello_max_bytes must be at least {MIN} on offload listeners"),
+        ));
+    }
+    Ok(l.hello_max_bytes)
 }
 
 /// What TLS settings may refer to besides files next to the config.
