@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use tracing_log::log;
+use tracing_log::{AsLog, LogTracer};
 use tracing_subscriber::EnvFilter;
 
 use crate::balance::backend::now_ms;
@@ -30,16 +32,105 @@ pub fn set_level(level: &str) -> Result<(), String> {
     };
     let handle = LEVEL.get_or_init(|| {
         let (layer, handle) = tracing_subscriber::reload::Layer::new(wanted());
-        let _ = tracing_subscriber::registry()
+        let subscriber = tracing_subscriber::registry()
             .with(layer)
-            .with(tracing_subscriber::fmt::layer().with_target(false))
-            .try_init();
+            .with(tracing_subscriber::fmt::layer().with_target(false));
+        if tracing::subscriber::set_global_default(subscriber).is_ok() {
+            // What `try_init` would install, with the flood limits.
+            let _ = log::set_boxed_logger(Box::new(LogBridge::new(1000)));
+        }
         handle
     });
-    if from_env {
-        return Ok(());
+    let changed = if from_env {
+        Ok(())
+    } else {
+        handle.modify(|f| *f = wanted()).map_err(|e| e.to_string())
+    };
+    // `log` skips records above its own maximum before they reach tracing.
+    log::set_max_level(tracing::level_filters::LevelFilter::current().as_log());
+    changed
+}
+
+/// The `log` records of dependencies (rustls logs through `log`) on their
+/// way into tracing. rustls warns once per connection about what a client
+/// sent, an IP address as SNI above all (wrk and many scripts send one on
+/// every connection), so its warnings are rate-limited as rejected
+/// connections are: SNI lines and the rest each get one line per period,
+/// which says how many were held back.
+struct LogBridge {
+    tracer: LogTracer,
+    sni: RateLimit,
+    other: RateLimit,
+}
+
+/// What happens to one `log` record.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Pass,
+    Drop,
+    /// Pass, noting how many like it were dropped since the last one.
+    PassAfter(u64),
+}
+
+impl LogBridge {
+    fn new(period_ms: u64) -> Self {
+        LogBridge {
+            tracer: LogTracer::new(),
+            sni: RateLimit::new(period_ms),
+            other: RateLimit::new(period_ms),
+        }
     }
-    handle.modify(|f| *f = wanted()).map_err(|e| e.to_string())
+
+    fn verdict(&self, record: &log::Record<'_>) -> Verdict {
+        if record.level() != log::Level::Warn || !record.target().starts_with("rustls") {
+            return Verdict::Pass;
+        }
+        let args = record.args();
+        let text = args
+            .as_str()
+            .map(std::borrow::Cow::Borrowed)
+            .unwrap_or_else(|| args.to_string().into());
+        let limit = if text.starts_with("Illegal SNI") {
+            &self.sni
+        } else {
+            &self.other
+        };
+        match limit.allow() {
+            Some(held) => Verdict::PassAfter(held),
+            None => Verdict::Drop,
+        }
+    }
+}
+
+impl log::Log for LogBridge {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        self.tracer.enabled(metadata)
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match self.verdict(record) {
+            Verdict::Pass => self.tracer.log(record),
+            Verdict::Drop => {}
+            Verdict::PassAfter(0) => self.tracer.log(record),
+            Verdict::PassAfter(held) => self.tracer.log(
+                &log::Record::builder()
+                    .metadata(record.metadata().clone())
+                    .module_path(record.module_path())
+                    .file(record.file())
+                    .line(record.line())
+                    .args(format_args!(
+                        "{} ({held} similar lines suppressed)",
+                        record.args()
+                    ))
+                    .build(),
+            ),
+        }
+    }
+
+    fn flush(&self) {}
 }
 
 /// Lets one log line through per period and counts the ones held back, so
@@ -73,5 +164,77 @@ impl RateLimit {
         }
         self.suppressed.fetch_add(1, Ordering::Relaxed);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(bridge: &LogBridge, level: log::Level, target: &str, text: &str) -> Verdict {
+        bridge.verdict(
+            &log::Record::builder()
+                .level(level)
+                .target(target)
+                .args(format_args!("{text}"))
+                .build(),
+        )
+    }
+
+    const SNI: &str =
+        "Illegal SNI extension: ignoring IP address presented as hostname (3132372e302e302e31)";
+    const HANDSHAKE: &str = "rustls::msgs::handshake";
+
+    #[test]
+    fn rustls_sni_warnings_pass_once_per_period() {
+        let bridge = LogBridge::new(60_000);
+        let warn = log::Level::Warn;
+        assert_eq!(
+            verdict(&bridge, warn, HANDSHAKE, SNI),
+            Verdict::PassAfter(0)
+        );
+        for _ in 0..3 {
+            assert_eq!(verdict(&bridge, warn, HANDSHAKE, SNI), Verdict::Drop);
+        }
+        let bad_name = "Illegal SNI hostname received \"a b\"";
+        assert_eq!(verdict(&bridge, warn, HANDSHAKE, bad_name), Verdict::Drop);
+        // Other rustls warnings have their own allowance.
+        let alert = "TLS alert warning received: Alert { .. }";
+        assert_eq!(
+            verdict(&bridge, warn, "rustls::common_state", alert),
+            Verdict::PassAfter(0)
+        );
+        assert_eq!(
+            verdict(&bridge, warn, "rustls::common_state", alert),
+            Verdict::Drop
+        );
+        // Other levels and crates are not limited.
+        assert_eq!(
+            verdict(&bridge, log::Level::Debug, HANDSHAKE, SNI),
+            Verdict::Pass
+        );
+        assert_eq!(
+            verdict(&bridge, log::Level::Error, HANDSHAKE, SNI),
+            Verdict::Pass
+        );
+        assert_eq!(verdict(&bridge, warn, "hyper::proto", SNI), Verdict::Pass);
+    }
+
+    #[test]
+    fn the_next_line_counts_the_suppressed_ones() {
+        let bridge = LogBridge::new(50);
+        let warn = log::Level::Warn;
+        assert_eq!(
+            verdict(&bridge, warn, HANDSHAKE, SNI),
+            Verdict::PassAfter(0)
+        );
+        for _ in 0..4 {
+            assert_eq!(verdict(&bridge, warn, HANDSHAKE, SNI), Verdict::Drop);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(120));
+        assert_eq!(
+            verdict(&bridge, warn, HANDSHAKE, SNI),
+            Verdict::PassAfter(4)
+        );
     }
 }

@@ -181,7 +181,7 @@ impl Metrics {
             hello_rejected: counter(
                 &r,
                 "tls_client_hello_rejected_total",
-                "Passthrough connections closed because of their ClientHello, by reason.",
+                "Passthrough and offload connections closed because of their ClientHello, by reason.",
                 &["listener", "reason"],
             ),
             http_requests: counter(

@@ -560,6 +560,23 @@ backends = [{ address = "127.0.0.1:7100" }, { address = ‸"127.0.0.1:7100" }]
             says: "listed twice",
         },
         Case {
+            name: "offload_hello_max_bytes_too_small",
+            text: r#"[[listener]]
+name = "a"
+bind = "127.0.0.1:7001"
+mode = "offload"
+pool = "p"
+tls = { cert = "auto" }
+hello_max_bytes = ‸1024
+
+[[pool]]
+name = "p"
+backends = [{ address = "127.0.0.1:7100" }]
+"#,
+            key: Some("listener[0].hello_max_bytes"),
+            says: "hello_max_bytes must be at least 4096 on offload listeners",
+        },
+        Case {
             name: "pool_without_backends",
             text: r#"[[listener]]
 name = "a"

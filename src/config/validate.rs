@@ -606,6 +606,7 @@ fn offload(
             handshake_timeout: l.handshake_timeout.0,
             allow_underscores_in_headers: l.allow_underscores_in_headers,
             http2: http2_limits(&l.http2, i)?,
+            hello_max_bytes: offload_hello_max_bytes(l, i)?,
         },
     })
 }
@@ -648,6 +649,20 @@ fn http2_limits(
         1,
     )?;
     Ok(h.into())
+}
+
+/// `hello_max_bytes` on an offload listener: the ClientHello is measured
+/// before rustls parses it, and a limit below what real clients send
+/// (about 2 KiB with a post-quantum key share) would lock them out.
+fn offload_hello_max_bytes(l: &schema::Listener, i: usize) -> Result<usize, SemanticError> {
+    const MIN: usize = 4096;
+    if l.hello_max_bytes < MIN {
+        return Err(SemanticError::new(
+            key_path!["listener", i, "hello_max_bytes"],
+            format!("hello_max_bytes must be at least {MIN} on offload listeners"),
+        ));
+    }
+    Ok(l.hello_max_bytes)
 }
 
 /// What TLS settings may refer to besides files next to the config.

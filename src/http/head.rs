@@ -284,6 +284,7 @@ static FUZZ_PLAN: std::sync::LazyLock<FuzzPlan> = std::sync::LazyLock::new(|| {
         upstream_idle_timeout: Duration::from_secs(1),
         handshake_timeout: Duration::from_secs(1),
         allow_underscores_in_headers: false,
+        hello_max_bytes: 16 * 1024,
         http2: Default::default(),
     };
     let cert_headers = CertHeaders {

@@ -84,6 +84,8 @@ pub struct HttpPlan {
     /// headers the balancer sets still go).
     pub allow_underscores_in_headers: bool,
     pub http2: h2_guard::Http2Plan,
+    /// Largest ClientHello taken, record headers included.
+    pub hello_max_bytes: usize,
 }
 
 impl HttpPlan {
@@ -110,6 +112,8 @@ pub struct OffloadMetrics {
     pub handshake_ok: IntCounter,
     pub handshake_failed: IntCounter,
     pub handshake_timeout: IntCounter,
+    /// `fleetgate_tls_client_hello_rejected_total{reason="too_large"}`.
+    pub hello_too_large: IntCounter,
     pub certs_none: IntCounter,
     pub certs_verified: IntCounter,
     pub certs_rejected: IntCounter,
@@ -141,6 +145,7 @@ impl OffloadMetrics {
             handshake_ok: hs("ok"),
             handshake_failed: hs("failed"),
             handshake_timeout: hs("timeout"),
+            hello_too_large: m.hello_rejected.with_label_values(&[listener, "too_large"]),
             certs_none: cert("none"),
             certs_verified: cert("verified"),
             certs_rejected: cert("rejected"),

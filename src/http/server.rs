@@ -21,7 +21,12 @@ use tokio::time::{Duration, Instant, Sleep};
 
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
+use crate::logging::RateLimit;
+use crate::tls::client_hello::HelloError;
 use crate::tls::server_stream::ServerStream;
+
+/// Refused ClientHellos are an attacker's to send: one line per second.
+static HELLO_REJECT_LOG: RateLimit = RateLimit::new(1000);
 
 pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
     let listener = &*offload.name;
@@ -31,7 +36,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
     // largest state) for as long as the connection lives.
     let handshake = Box::pin(tokio::time::timeout(
         offload.http.handshake_timeout,
-        ServerStream::accept(tcp, offload.tls.clone()),
+        ServerStream::accept(tcp, offload.tls.clone(), offload.http.hello_max_bytes),
     ));
     let mut tls: Box<Tls> = match handshake.await {
         Ok(Ok(s)) => Box::new(s),
@@ -50,6 +55,14 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
                 m.certs_rejected.inc();
             }
             m.handshake_failed.inc();
+            let hello_refused = e.get_ref().and_then(|i| i.downcast_ref::<HelloError>());
+            if let Some(refused) = hello_refused {
+                m.hello_too_large.inc();
+                if let Some(held) = HELLO_REJECT_LOG.allow() {
+                    tracing::info!(listener, %peer, reason = refused.reason(), "TLS connection closed: {refused} ({held} rejections suppressed)");
+                }
+                return;
+            }
             tracing::debug!(listener, %peer, "TLS handshake failed: {e}");
             return;
         }

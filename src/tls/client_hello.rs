@@ -23,8 +23,8 @@ pub const DEFAULT_MAX_HANDSHAKE: usize = 16 * 1024;
 
 const CONTENT_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
-const RECORD_HEADER_LEN: usize = 5;
-const HANDSHAKE_HEADER_LEN: usize = 4;
+pub(crate) const RECORD_HEADER_LEN: usize = 5;
+pub(crate) const HANDSHAKE_HEADER_LEN: usize = 4;
 /// RFC 8446 5.1: a plaintext record carries at most 2^14 bytes.
 const MAX_RECORD_PAYLOAD: usize = 1 << 14;
 

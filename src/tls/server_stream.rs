@@ -28,12 +28,24 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::tls::client_hello::{self, HelloError, Parsed, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN};
+
 /// Socket reads and plaintext writes go through buffers of this size: one
 /// full TLS record, so bulk transfers still move whole records.
 const CHUNK: usize = 16 * 1024;
 /// Worst-case growth of one record when encrypted (header, TLS 1.2
 /// explicit nonce, tag, TLS 1.3 content type), rounded up.
 const RECORD_OVERHEAD: usize = 64;
+/// Most bytes a connection holds while later handshake flights arrive.
+/// rustls refuses any handshake message over 64 KiB (a client certificate
+/// chain is the largest one); such a message in full-size records (RFC 8446
+/// allows 256 bytes of expansion per record) plus one more read of the next
+/// flight stays below this. Only a peer cutting messages into tiny records
+/// goes past it.
+const HANDSHAKE_BUFFER_MAX: usize = 0x1_0000 + 5 * (RECORD_HEADER_LEN + 256) + CHUNK;
+/// A fatal `decode_error` alert in a plaintext record: the answer to a
+/// ClientHello that is refused before rustls sees it.
+const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
 
 thread_local! {
     /// Received TLS bytes on their way through rustls.
@@ -90,7 +102,16 @@ impl ServerStream {
     /// Run the server handshake on `tcp`. A failed handshake returns an
     /// `InvalidData` error that wraps the `rustls::Error`, as
     /// `tokio_rustls` does, after sending rustls' alert if it has one.
-    pub async fn accept(tcp: TcpStream, config: Arc<ServerConfig>) -> io::Result<ServerStream> {
+    ///
+    /// The ClientHello is gathered and measured before rustls sees it: one
+    /// that declares or takes more than `hello_max_bytes` (record headers
+    /// included) is refused with a `decode_error` alert and an
+    /// `InvalidData` error wrapping [`HelloError::TooLarge`].
+    pub async fn accept(
+        tcp: TcpStream,
+        config: Arc<ServerConfig>,
+        hello_max_bytes: usize,
+    ) -> io::Result<ServerStream> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
         // A name left by a connection whose handshake stopped early.
         crate::tls::server::take_resolved_sni();
@@ -106,6 +127,7 @@ impl ServerStream {
             close_sent: false,
             sni: None,
         };
+        s.receive_hello(hello_max_bytes).await?;
         loop {
             let mut input = std::mem::take(&mut s.incoming);
             let ran = s.run(&mut input, Want::Read(None));
@@ -114,9 +136,9 @@ impl ServerStream {
             }
             let used = match ran {
                 Ok((used, _)) => used,
-                Err(e) => {
-                    s.send_alert();
-                    return Err(e);
+                Err(failed) => {
+                    s.send_alert(&mut input[failed.used..]);
+                    return Err(failed.error);
                 }
             };
             input.drain(..used);
@@ -128,14 +150,16 @@ impl ServerStream {
             if s.read_closed {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
-            // Handshake flights are small and short-lived: read them into
+            // Handshake flights are small and short-lived: they wait in
             // the connection's own buffer (a client certificate chain may
-            // span several reads).
-            let start = s.incoming.len();
-            s.incoming.resize(start + CHUNK, 0);
-            let n = poll_fn(|cx| poll_read_socket(&s.tcp, cx, &mut s.incoming[start..])).await?;
-            s.incoming.truncate(start + n);
-            if n == 0 {
+            // span several reads), which holds no more than has arrived.
+            let Some(room) = HANDSHAKE_BUFFER_MAX.checked_sub(s.incoming.len()) else {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("handshake messages take more than {HANDSHAKE_BUFFER_MAX} bytes"),
+                ));
+            };
+            if s.read_handshake(room).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
         }
@@ -145,6 +169,45 @@ impl ServerStream {
             s.incoming.shrink_to_fit();
         }
         Ok(s)
+    }
+
+    /// Read until `incoming` holds a whole ClientHello (or bytes that are
+    /// not one, which rustls then refuses with its own alert). rustls
+    /// checks the handshake length only once the message is complete, and
+    /// keeps a partial one in the caller's buffer: without this a client
+    /// could make a connection hold up to 64 KiB per handshake message for
+    /// the whole handshake timeout.
+    async fn receive_hello(&mut self, max: usize) -> io::Result<()> {
+        let max = max.max(RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN);
+        loop {
+            match hello_state(&self.incoming, max) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => {
+                    // Best effort: the connection is dropped either way.
+                    let _ = self.tcp.try_write(&ALERT_DECODE_ERROR);
+                    return Err(io::Error::new(io::ErrorKind::InvalidData, e));
+                }
+            }
+            if self.read_handshake(max - self.incoming.len()).await? == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+        }
+    }
+
+    /// Append at most `room` bytes from the socket to `incoming`; 0 is the
+    /// end of the client's stream. The bytes pass through the thread's
+    /// scratch buffer, so the connection's grows only by what came.
+    async fn read_handshake(&mut self, room: usize) -> io::Result<usize> {
+        let room = room.clamp(1, CHUNK);
+        poll_fn(|cx| {
+            READ_SCRATCH.with_borrow_mut(|scratch| {
+                let n = ready!(poll_read_socket(&self.tcp, cx, &mut scratch[..room]))?;
+                self.incoming.extend_from_slice(&scratch[..n]);
+                Poll::Ready(Ok(n))
+            })
+        })
+        .await
     }
 
     /// The negotiated session: version, ALPN, the client's certificates.
@@ -178,7 +241,7 @@ impl ServerStream {
     /// records rustls produces are appended to `outgoing`; so is the
     /// `Write`/`Close` output unless the caller took `outgoing` to hold it
     /// in a scratch buffer.
-    fn run(&mut self, input: &mut [u8], want: Want<'_, '_>) -> io::Result<(usize, Stop)> {
+    fn run(&mut self, input: &mut [u8], want: Want<'_, '_>) -> Result<(usize, Stop), Failed> {
         self.run_into(input, want, None)
     }
 
@@ -187,7 +250,7 @@ impl ServerStream {
         input: &mut [u8],
         mut want: Want<'_, '_>,
         out: Option<&mut Vec<u8>>,
-    ) -> io::Result<(usize, Stop)> {
+    ) -> Result<(usize, Stop), Failed> {
         let out = match out {
             Some(o) => o,
             None => &mut self.outgoing,
@@ -196,12 +259,21 @@ impl ServerStream {
         loop {
             let UnbufferedStatus { discard, state } =
                 self.conn.process_tls_records(&mut input[used..]);
-            let state = state.map_err(tls_error)?;
+            let state = match state {
+                Ok(state) => state,
+                Err(e) => {
+                    return Err(Failed {
+                        used: used + discard,
+                        error: tls_error(e),
+                    })
+                }
+            };
+            let fail = |error| Failed { used, error };
             let mut stop = None;
             match state {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(rec) = r.next_record() {
-                        let rec = rec.map_err(tls_error)?;
+                        let rec = rec.map_err(|e| fail(tls_error(e)))?;
                         let dest = match &mut want {
                             Want::Read(d) => d.as_deref_mut(),
                             _ => None,
@@ -211,7 +283,7 @@ impl ServerStream {
                 }
                 ConnectionState::ReadEarlyData(mut r) => {
                     while let Some(rec) = r.next_record() {
-                        let rec = rec.map_err(tls_error)?;
+                        let rec = rec.map_err(|e| fail(tls_error(e)))?;
                         deliver(rec, None, &mut self.plain, &mut self.plain_pos);
                     }
                 }
@@ -245,15 +317,19 @@ impl ServerStream {
                 ConnectionState::WriteTraffic(mut w) => match want {
                     Want::Read(_) => stop = Some(Stop::NeedInput),
                     Want::Write(data) => {
-                        encrypt_into(out, data.len(), |buf| w.encrypt(data, buf))?;
+                        encrypt_into(out, data.len(), |buf| w.encrypt(data, buf)).map_err(fail)?;
                         stop = Some(Stop::Done);
                     }
                     Want::Close => {
-                        encrypt_into(out, 0, |buf| w.queue_close_notify(buf))?;
+                        encrypt_into(out, 0, |buf| w.queue_close_notify(buf)).map_err(fail)?;
                         stop = Some(Stop::Done);
                     }
                 },
-                _ => return Err(io::Error::other("unexpected state of the TLS connection")),
+                _ => {
+                    return Err(fail(io::Error::other(
+                        "unexpected state of the TLS connection",
+                    )))
+                }
             }
             used += discard;
             if let Some(stop) = stop {
@@ -264,8 +340,11 @@ impl ServerStream {
 
     /// After a fatal error rustls queues an alert for the peer: send it if
     /// the socket takes it now (the connection is dropped either way).
-    fn send_alert(&mut self) {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(&mut []);
+    /// `input` must be the failed run's input from where it stopped: rustls
+    /// may still hold positions in it (a partial handshake message), and
+    /// an empty buffer in its place makes it index out of bounds.
+    fn send_alert(&mut self, input: &mut [u8]) {
+        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(input);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             let mut buf = [0u8; 64];
             if let Ok(n) = e.encode(&mut buf) {
@@ -449,6 +528,33 @@ fn poll_read_socket(
     }
 }
 
+/// A run of rustls that failed, and how much of its input it had used.
+struct Failed {
+    used: usize,
+    error: io::Error,
+}
+
+impl From<Failed> for io::Error {
+    fn from(f: Failed) -> io::Error {
+        f.error
+    }
+}
+
+/// Whether the ClientHello at the start of `incoming` can go to rustls:
+/// `Ok(true)` once it is complete, or when the bytes are not a ClientHello
+/// at all (rustls refuses those with the right alert); `Ok(false)` while
+/// more must arrive. A hello that declares more than `max` bytes, or has
+/// taken `max` bytes of records without ending, is too large.
+fn hello_state(incoming: &[u8], max: usize) -> Result<bool, HelloError> {
+    match client_hello::parse_with_limit(incoming, max) {
+        Ok(Parsed::Hello(_)) => Ok(true),
+        Ok(Parsed::NeedMore) if incoming.len() >= max => Err(HelloError::TooLarge { limit: max }),
+        Ok(Parsed::NeedMore) => Ok(false),
+        Err(e @ HelloError::TooLarge { .. }) => Err(e),
+        Err(_) => Ok(true),
+    }
+}
+
 fn tls_error(e: rustls::Error) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, e)
 }
@@ -590,6 +696,8 @@ mod tests {
 
     type Client = tokio_rustls::client::TlsStream<TcpStream>;
 
+    const HELLO_MAX: usize = client_hello::DEFAULT_MAX_HANDSHAKE;
+
     struct Setup {
         server: Arc<ServerConfig>,
         client: Arc<ClientConfig>,
@@ -659,7 +767,9 @@ mod tests {
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .unwrap();
             assert_eq!(s.server_name(), Some("api.test"));
             echo(s).await.unwrap()
         });
@@ -734,7 +844,9 @@ mod tests {
         let relay = trickle_relay(addr).await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .unwrap();
             echo(s).await.unwrap();
         });
         let mut c = connect(relay, setup.client).await.unwrap();
@@ -753,7 +865,9 @@ mod tests {
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            let s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            let s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .unwrap();
             echo(s).await.unwrap();
         });
         let mut c = connect(addr, setup.client).await.unwrap();
@@ -775,7 +889,9 @@ mod tests {
         let (l, addr) = listen().await;
         tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            let mut s = ServerStream::accept(tcp, setup.server).await.unwrap();
+            let mut s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .unwrap();
             s.write_all(b"bye").await.unwrap();
             s.shutdown().await.unwrap();
             // Held open: the client must see close_notify, not a FIN.
@@ -788,13 +904,105 @@ mod tests {
         assert_eq!(got, b"bye");
     }
 
+    /// The first bytes a rustls client with `versions` sends.
+    fn client_hello(versions: &[&'static rustls::SupportedProtocolVersion]) -> Vec<u8> {
+        let config = setup(MinVersion::Tls12, versions).client;
+        let name = ServerName::try_from("api.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        out
+    }
+
+    /// Accept one connection, send `bytes` to it and close; returns the
+    /// server's error and what the client received.
+    async fn refused(bytes: Vec<u8>) -> (io::Error, Vec<u8>) {
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        let (l, addr) = listen().await;
+        let server = tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .err()
+        });
+        let mut c = TcpStream::connect(addr).await.unwrap();
+        c.write_all(&bytes).await.unwrap();
+        let err = tokio::time::timeout(std::time::Duration::from_secs(10), server)
+            .await
+            .expect("the handshake ends without the client closing")
+            .expect("the handshake does not panic")
+            .expect("the handshake fails");
+        let mut got = Vec::new();
+        let _ = c.read_to_end(&mut got).await;
+        (err, got)
+    }
+
+    fn too_large(e: &io::Error) -> bool {
+        e.get_ref()
+            .and_then(|i| i.downcast_ref::<HelloError>())
+            .is_some_and(|h| *h == HelloError::TooLarge { limit: HELLO_MAX })
+    }
+
+    #[tokio::test]
+    async fn a_hello_declaring_more_than_the_limit_is_refused_at_once() {
+        for declared in [HELLO_MAX as u32, 0x1_0000, 0xb7_01fc, 0xff_ffff] {
+            let mut hello = client_hello(&[&rustls::version::TLS13]);
+            hello[6..9].copy_from_slice(&declared.to_be_bytes()[1..]);
+            let (err, got) = refused(hello).await;
+            assert!(too_large(&err), "{declared:#x}: {err:?}");
+            assert_eq!(got, ALERT_DECODE_ERROR, "{declared:#x}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_hello_in_tiny_records_past_the_limit_is_refused() {
+        // A hello that declares 8 KiB and comes one byte per record: the
+        // message fits the limit, its records do not.
+        let mut body = vec![0x01, 0x00, 0x20, 0x00];
+        body.resize(4 + 0x2000, 0);
+        let mut wire = Vec::new();
+        for b in body {
+            wire.extend_from_slice(&[0x16, 0x03, 0x01, 0x00, 0x01, b]);
+        }
+        let (err, got) = refused(wire).await;
+        assert!(too_large(&err), "{err:?}");
+        assert_eq!(got, ALERT_DECODE_ERROR);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_message_after_the_hello_fails_without_a_panic() {
+        // TLS 1.2 keeps the client's second flight in plaintext: a
+        // ClientKeyExchange declaring 64 KiB behind a real hello reaches
+        // rustls, which refuses it while holding a position in the input.
+        let mut wire = client_hello(&[&rustls::version::TLS12]);
+        wire.extend_from_slice(&[0x16, 0x03, 0x03, 0x00, 0x04, 0x10, 0x01, 0x00, 0x00]);
+        let (err, _) = refused(wire).await;
+        let inner = err
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>());
+        assert!(
+            matches!(
+                inner,
+                Some(rustls::Error::InvalidMessage(
+                    rustls::InvalidMessage::HandshakePayloadTooLarge
+                ))
+            ),
+            "{err:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_handshake_sends_the_alert() {
         let setup = setup(MinVersion::Tls13, &[&rustls::version::TLS12]);
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
-            ServerStream::accept(tcp, setup.server).await.err().unwrap()
+            ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .err()
+                .unwrap()
         });
         let err = connect(addr, setup.client).await.err().unwrap();
         let inner = err
