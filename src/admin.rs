@@ -12,6 +12,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
+use crate::logging::RateLimit;
 use crate::runtime::Runtime;
 
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
@@ -21,11 +22,16 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
 }
 
 pub async fn serve(listener: TcpListener, rt: Arc<Runtime>) {
+    // Out of descriptors, accept fails every few milliseconds: one line a
+    // second says so without flooding the log.
+    let error_log = RateLimit::new(1000);
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
-                tracing::warn!("admin accept failed: {e}");
+                if let Some(held) = error_log.allow() {
+                    tracing::warn!("admin accept failed: {e} ({held} similar errors suppressed)");
+                }
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }

@@ -20,6 +20,7 @@ pub mod proxy;
 pub mod runtime;
 pub mod shortage;
 pub mod simulate;
+pub mod source_limits;
 pub mod status;
 pub mod tls;
 pub mod workers;

@@ -1,5 +1,6 @@
-//! Listening sockets and the accept loop: ACL and connection limit are
-//! checked before anything else, and no accept error ever ends the loop.
+//! Listening sockets and the accept loop: ACL, connection limit,
+//! descriptor reserve and per-source limits are checked before anything
+//! else, and no accept error ever ends the loop.
 
 use std::io;
 use std::net::SocketAddr;
@@ -19,6 +20,7 @@ use crate::l4::ByteCounters;
 use crate::logging::RateLimit;
 use crate::metrics::{reject, Metrics};
 use crate::runtime::ConnectionTracker;
+use crate::source_limits::{Refusal, SourceGuard, SourceLimits};
 
 /// Label handles for one listener, resolved when the plan is applied.
 pub struct ListenerMetrics {
@@ -27,6 +29,9 @@ pub struct ListenerMetrics {
     pub rejected_acl: IntCounter,
     pub rejected_limit: IntCounter,
     pub rejected_no_backend: IntCounter,
+    pub rejected_source_rate: IntCounter,
+    pub rejected_source_connections: IntCounter,
+    pub rejected_descriptor_reserve: IntCounter,
     pub accept_emfile: IntCounter,
     pub accept_other: IntCounter,
     pub bytes: ByteCounters,
@@ -41,6 +46,9 @@ impl ListenerMetrics {
             rejected_acl: rej(reject::ACL),
             rejected_limit: rej(reject::LIMIT),
             rejected_no_backend: rej(reject::NO_BACKEND),
+            rejected_source_rate: rej(reject::SOURCE_RATE),
+            rejected_source_connections: rej(reject::SOURCE_CONNECTIONS),
+            rejected_descriptor_reserve: rej(reject::DESCRIPTOR_RESERVE),
             accept_emfile: m.accept_errors.with_label_values(&[name, "emfile"]),
             accept_other: m.accept_errors.with_label_values(&[name, "other"]),
             bytes: ByteCounters {
@@ -58,6 +66,8 @@ pub struct ListenerShared {
     pub mode: ModeRuntime,
     pub metrics: ListenerMetrics,
     pub reject_log: RateLimit,
+    /// `None` unless `[listener.per_source]` is configured.
+    pub source_limits: Option<SourceLimits>,
 }
 
 /// The listener mode with its pools resolved for this plan.
@@ -189,9 +199,40 @@ pub async fn accept_loop(
             }
             continue;
         }
+        if crate::shortage::in_reserve(&stream) {
+            // The descriptors left are the admin listener's and the
+            // established connections' (their backend sockets): refuse,
+            // and pause accepting as on a shortage so that the queue
+            // waits instead of draining into refusals.
+            crate::shortage::note();
+            ctx.metrics.rejected_descriptor_reserve.inc();
+            if let Some(held) = ctx.reject_log.allow() {
+                tracing::warn!(listener = %ctx.plan.name, %peer, "connection rejected: descriptor reserve reached ({held} rejections suppressed)");
+            }
+            continue;
+        }
+        let source = match &ctx.source_limits {
+            None => None,
+            Some(limits) => match limits.admit(peer.ip()) {
+                Ok(g) => Some(g),
+                Err(why) => {
+                    let (counter, what) = match why {
+                        Refusal::Rate => (&ctx.metrics.rejected_source_rate, "rate"),
+                        Refusal::Connections => {
+                            (&ctx.metrics.rejected_source_connections, "connections")
+                        }
+                    };
+                    counter.inc();
+                    if let Some(held) = ctx.reject_log.allow() {
+                        tracing::info!(listener = %ctx.plan.name, %peer, "connection rejected: per-source {what} limit reached ({held} rejections suppressed)");
+                    }
+                    continue;
+                }
+            },
+        };
         #[cfg(not(target_os = "linux"))]
         let _ = tune(SockRef::from(&stream), &ctx.plan.socket);
-        let guard = OpenConnection::new(active.clone(), &ctx, tracker.clone());
+        let guard = OpenConnection::new(active.clone(), &ctx, tracker.clone(), source);
         crate::proxy::spawn(stream, peer, ctx, guard);
     }
 }
@@ -202,6 +243,7 @@ struct OpenConnection {
     listener_active: Arc<AtomicUsize>,
     gauge: IntGauge,
     _tracked: crate::runtime::TrackedConnection,
+    _source: Option<SourceGuard>,
 }
 
 impl OpenConnection {
@@ -209,6 +251,7 @@ impl OpenConnection {
         listener_active: Arc<AtomicUsize>,
         ctx: &ListenerShared,
         tracker: Arc<ConnectionTracker>,
+        source: Option<SourceGuard>,
     ) -> Self {
         listener_active.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.active.inc();
@@ -216,6 +259,7 @@ impl OpenConnection {
             listener_active,
             gauge: ctx.metrics.active.clone(),
             _tracked: ConnectionTracker::track(tracker),
+            _source: source,
         }
     }
 }

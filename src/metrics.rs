@@ -74,6 +74,9 @@ pub mod reject {
     pub const LIMIT: &str = "limit";
     pub const NO_BACKEND: &str = "no_backend";
     pub const DRAINING: &str = "draining";
+    pub const SOURCE_RATE: &str = "source_rate";
+    pub const SOURCE_CONNECTIONS: &str = "source_connections";
+    pub const DESCRIPTOR_RESERVE: &str = "descriptor_reserve";
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {

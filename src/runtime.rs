@@ -237,17 +237,27 @@ impl Runtime {
         }
 
         // 3. Commit: swap shared state, start new listeners, stop old ones.
+        // The open-file limit may have changed since the last plan.
+        crate::shortage::set_reserve(plan.descriptor_reserve);
         let mut keep = HashSet::new();
         for l in &plan.listeners {
             keep.insert(l.bind);
             let metrics = ListenerMetrics::new(&self.metrics, &l.name);
+            let running = applied.listeners.get(&l.bind);
+            // A listener that stays keeps its per-source counts.
+            let previous = running.map(|r| r.shared.load_full());
+            let source_limits = l.per_source.as_ref().map(|p| {
+                let old = previous.as_ref().and_then(|s| s.source_limits.as_ref());
+                crate::source_limits::SourceLimits::new(p, old)
+            });
             let shared = Arc::new(ListenerShared {
                 mode: self.mode_runtime(l, &pools, &metrics),
                 metrics,
                 plan: l.clone(),
                 reject_log: RateLimit::new(1000),
+                source_limits,
             });
-            if let Some(running) = applied.listeners.get(&l.bind) {
+            if let Some(running) = running {
                 running.shared.store(shared);
                 continue;
             }

@@ -680,8 +680,13 @@ fn exhaust(
 }
 
 fn start_limited(front: SocketAddr, backend: SocketAddr, pool_extra: &str) -> Balancer {
+    // No descriptor reserve: these tests exhaust the descriptors on
+    // purpose (tests/descriptor_reserve.rs covers the reserve).
     let fg = Balancer::start_with(
-        &config(front, &[backend], "", pool_extra),
+        &format!(
+            "[global]\ndescriptor_reserve = 0\n{}",
+            config(front, &[backend], "", pool_extra)
+        ),
         &["prlimit", "--nofile=64:64"],
     );
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", fg.pid())).unwrap();

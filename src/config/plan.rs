@@ -25,6 +25,8 @@ pub struct Plan {
     pub data_dir: PathBuf,
     pub modules: Vec<ModulePlan>,
     pub discovery: Option<DiscoveryPlan>,
+    /// `None`: the default reserve (see `shortage::set_reserve`).
+    pub descriptor_reserve: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +146,7 @@ pub struct ListenerPlan {
     pub mode: ListenerMode,
     /// 0 means unlimited.
     pub max_connections: usize,
+    pub per_source: Option<crate::source_limits::PerSourcePlan>,
     pub idle_timeout: Duration,
     pub acl: Acl,
     pub socket: SocketOptions,

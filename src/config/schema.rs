@@ -71,6 +71,10 @@ pub struct Global {
     /// Where modules keep their files; relative to the config file.
     #[serde(default = "default_data_dir")]
     pub data_dir: String,
+    /// Descriptors below the open-file limit that proxied connections may
+    /// not take (default: 64, at most a quarter of the limit).
+    #[serde(default)]
+    pub descriptor_reserve: Option<u64>,
 }
 
 impl Default for Global {
@@ -81,6 +85,7 @@ impl Default for Global {
             worker_threads: 0,
             cpu_affinity: Default::default(),
             data_dir: default_data_dir(),
+            descriptor_reserve: None,
         }
     }
 }
@@ -125,6 +130,9 @@ pub struct Listener {
     /// 0 means unlimited.
     #[serde(default)]
     pub max_connections: usize,
+    /// Limits per client address (or network): `[listener.per_source]`.
+    #[serde(default)]
+    pub per_source: Option<PerSource>,
     #[serde(default = "default_idle_timeout")]
     pub idle_timeout: ConfigDuration,
     #[serde(default)]
@@ -220,6 +228,39 @@ impl Default for Http2Limits {
             control_frames_per_second: 100,
         }
     }
+}
+
+/// `[listener.per_source]`: what one source may open.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PerSource {
+    /// Concurrent connections per source; 0 means unlimited.
+    #[serde(default)]
+    pub max_connections: u32,
+    /// New connections per second per source; 0 means unlimited.
+    #[serde(default)]
+    pub rate: u32,
+    /// Connections a source may open at once above the rate (default: rate).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Sources are addresses masked to these prefix lengths.
+    #[serde(default = "default_prefix_v4")]
+    pub prefix_v4: u8,
+    #[serde(default = "default_prefix_v6")]
+    pub prefix_v6: u8,
+    /// Slots of the fixed table that holds the counts (16 bytes each).
+    #[serde(default = "default_source_table_size")]
+    pub table_size: usize,
+}
+
+fn default_prefix_v4() -> u8 {
+    32
+}
+fn default_prefix_v6() -> u8 {
+    128
+}
+fn default_source_table_size() -> usize {
+    crate::source_limits::DEFAULT_TABLE_SIZE
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]

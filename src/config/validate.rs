@@ -132,6 +132,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
             bind,
             mode,
             max_connections: l.max_connections,
+            per_source: per_source(l.per_source.as_ref(), i)?,
             idle_timeout: l.idle_timeout.0,
             acl,
             socket: SocketOptions {
@@ -162,6 +163,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         data_dir: data_dir.clone(),
         modules: modules.clone(),
         discovery,
+        descriptor_reserve: file.global.descriptor_reserve,
     })
 }
 
@@ -718,4 +720,65 @@ fn discovery(d: &schema::Discovery, base: &Path) -> Result<DiscoveryPlan, Semant
         multicast,
         max_clock_skew: d.max_clock_skew.0,
     })
+}
+
+/// `[listener.per_source]`: at least one limit, prefixes that are prefix
+/// lengths, a table that is neither useless nor huge.
+fn per_source(
+    p: Option<&schema::PerSource>,
+    i: usize,
+) -> Result<Option<crate::source_limits::PerSourcePlan>, SemanticError> {
+    let Some(p) = p else { return Ok(None) };
+    let at = |k: &str| key_path!["listener", i, "per_source", k];
+    if p.max_connections == 0 && p.rate == 0 {
+        return Err(SemanticError::new(
+            key_path!["listener", i, "per_source"],
+            "per_source sets no limit: give max_connections and/or rate",
+        ));
+    }
+    if p.rate > 1_000_000 {
+        return Err(SemanticError::new(
+            at("rate"),
+            "rate must be at most 1000000 connections per second",
+        ));
+    }
+    let burst = p.burst.unwrap_or(p.rate.max(1));
+    if burst == 0 {
+        return Err(SemanticError::new(at("burst"), "burst must be at least 1"));
+    }
+    if p.burst.is_some() && p.rate == 0 {
+        return Err(SemanticError::new(
+            at("burst"),
+            "burst applies to a rate: set `rate` too",
+        ));
+    }
+    if !(1..=32).contains(&p.prefix_v4) {
+        return Err(SemanticError::new(
+            at("prefix_v4"),
+            format!("prefix_v4 must be 1 to 32, got {}", p.prefix_v4),
+        ));
+    }
+    if !(1..=128).contains(&p.prefix_v6) {
+        return Err(SemanticError::new(
+            at("prefix_v6"),
+            format!("prefix_v6 must be 1 to 128, got {}", p.prefix_v6),
+        ));
+    }
+    if !(256..=1 << 24).contains(&p.table_size) {
+        return Err(SemanticError::new(
+            at("table_size"),
+            format!(
+                "table_size must be 256 to 16777216 slots, got {}",
+                p.table_size
+            ),
+        ));
+    }
+    Ok(Some(crate::source_limits::PerSourcePlan {
+        rate: p.rate,
+        burst,
+        max_connections: p.max_connections,
+        prefix_v4: p.prefix_v4,
+        prefix_v6: p.prefix_v6,
+        table_size: p.table_size,
+    }))
 }

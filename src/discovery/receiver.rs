@@ -306,7 +306,7 @@ fn log_applied(applied: Applied, hb: &Heartbeat, src: SocketAddr) {
         ),
         Applied::Restarted => tracing::info!(node = %hb.node, %addr, "node restarted"),
         Applied::Left => tracing::info!(node = %hb.node, "node left"),
-        Applied::Refreshed => {}
+        Applied::Refreshed | Applied::AlreadyGone => {}
     }
 }
 

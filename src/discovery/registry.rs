@@ -115,8 +115,12 @@ pub enum Applied {
     Restarted,
     /// Nothing changed but the time last heard (and the load).
     Refreshed,
-    /// A `leaving` heartbeat removed the node (or it was already gone).
+    /// A `leaving` heartbeat removed the node.
     Left,
+    /// A `leaving` heartbeat for a node already gone: senders repeat
+    /// `leaving` because UDP may lose one, and the departure was already
+    /// reported by the first (or by expiry).
+    AlreadyGone,
 }
 
 /// Why an authentic heartbeat was not applied.
@@ -276,8 +280,10 @@ impl Registry {
 
         let old = inner.nodes.get(&hb.node).cloned();
         let (applied, material) = if hb.state == NodeState::Leaving {
-            let gone = inner.nodes.remove(&hb.node).is_some();
-            (Applied::Left, gone)
+            match inner.nodes.remove(&hb.node) {
+                Some(_) => (Applied::Left, true),
+                None => (Applied::AlreadyGone, false),
+            }
         } else {
             let node = Node {
                 id: hb.node.clone(),
@@ -576,9 +582,10 @@ mod tests {
         assert!(r.snapshot().nodes.is_empty());
         assert_eq!(r.version(), 2);
         assert_eq!(r.apply(&before, src(), now, T0), Err(ApplyError::Replay));
-        // Repeated leaving datagrams are harmless and do not bump.
+        // Repeated leaving datagrams are harmless, do not bump and do not
+        // count as a second departure.
         bye.seq = 3;
-        assert_eq!(r.apply(&bye, src(), now, T0), Ok(Applied::Left));
+        assert_eq!(r.apply(&bye, src(), now, T0), Ok(Applied::AlreadyGone));
         assert_eq!(r.version(), 2);
         // It may come back with a new boot.
         r.apply(&hb("a", 9, 1, T0 + 200), src(), now, T0).unwrap();
