@@ -7,6 +7,7 @@
 //! bounded length), [`encode`] writes one, and [`read`] takes exactly one
 //! header off an accepted socket, leaving the bytes after it in place.
 
+pub mod accept;
 pub mod encode;
 pub mod parse;
 pub mod read;
