@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod module;
 pub mod passthrough;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod runtime;
 pub mod shortage;
 pub mod simulate;

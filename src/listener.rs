@@ -35,6 +35,7 @@ pub struct ListenerMetrics {
     pub accept_emfile: IntCounter,
     pub accept_other: IntCounter,
     pub bytes: ByteCounters,
+    pub proxy_protocol: crate::proxy_protocol::accept::Rejections,
 }
 
 impl ListenerMetrics {
@@ -55,6 +56,7 @@ impl ListenerMetrics {
                 upstream: m.bytes.with_label_values(&[name, "upstream"]),
                 downstream: m.bytes.with_label_values(&[name, "downstream"]),
             },
+            proxy_protocol: crate::proxy_protocol::accept::Rejections::new(m, name),
         }
     }
 }

@@ -41,7 +41,14 @@ impl Passthrough {
     }
 }
 
-pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerShared, pt: &Passthrough) {
+/// `destination`: what a PROXY header declared the client connected to.
+pub async fn serve(
+    client: TcpStream,
+    peer: SocketAddr,
+    destination: Option<SocketAddr>,
+    ctx: &ListenerShared,
+    pt: &Passthrough,
+) {
     let listener = ctx.plan.name.as_str();
     let reject = |reason: &str, detail: &dyn std::fmt::Display| {
         pt.rejected.with_label_values(&[listener, reason]).inc();
@@ -54,7 +61,7 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, ctx: &ListenerShared, pt
         Err(e) => return reject(e.reason(), &e),
     };
     match pt.choose(hello.sni.as_deref()) {
-        Ok(pool) => crate::proxy::forward(client, peer, ctx, pool).await,
+        Ok(pool) => crate::proxy::forward(client, peer, destination, ctx, pool).await,
         Err(reason) => reject(
             reason,
             &format_args!("no pool for server name {:?}", hello.sni),

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::Pool;
@@ -100,6 +101,26 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
             pool.plan.connect_timeout
         )),
     }
+}
+
+/// [`tcp`], then `header` (a PROXY protocol header) written before any
+/// client byte. A connection that takes no header is a failed attempt
+/// like one that does not connect.
+pub async fn tcp_with_header(
+    pool: &Pool,
+    index: usize,
+    header: Option<&[u8]>,
+) -> Result<TcpStream, String> {
+    let mut stream = tcp(pool, index).await?;
+    if let Some(header) = header {
+        // A fresh connection's send buffer takes a header at once; the
+        // timeout is for a peer that is gone.
+        tokio::time::timeout(pool.plan.connect_timeout, stream.write_all(header))
+            .await
+            .map_err(|_| "PROXY header write timed out".to_string())?
+            .map_err(|e| format!("PROXY header write: {e}"))?;
+    }
+    Ok(stream)
 }
 
 /// Prefix of an attempt error that is the balancer's own (no descriptor

@@ -4,6 +4,7 @@ pub mod duration;
 pub mod error;
 pub mod locate;
 pub mod plan;
+mod proxy_protocol;
 pub mod schema;
 mod tls;
 pub mod validate;

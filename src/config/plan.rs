@@ -151,6 +151,8 @@ pub struct ListenerPlan {
     pub acl: Acl,
     pub socket: SocketOptions,
     pub splice: crate::l4::SpliceMode,
+    /// Sources that must send a PROXY header, and how long they have.
+    pub proxy_protocol: Option<crate::proxy_protocol::accept::AcceptPlan>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -187,6 +189,8 @@ pub struct PoolPlan {
     pub tls: Option<UpstreamTls>,
     /// Service whose announcing nodes join this pool.
     pub discovery_service: Option<String>,
+    /// PROXY header written on each new backend connection (L4 only).
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 impl std::fmt::Debug for PoolPlan {

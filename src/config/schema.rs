@@ -151,6 +151,9 @@ pub struct Listener {
     /// (`false`), or splice bulk transfers only (`"auto"`).
     #[serde(default)]
     pub splice: crate::l4::SpliceMode,
+    /// Sources that must start their connections with a PROXY header.
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocol>,
 
     // --- passthrough ---
     #[serde(default)]
@@ -261,6 +264,17 @@ fn default_prefix_v6() -> u8 {
 }
 fn default_source_table_size() -> usize {
     crate::source_limits::DEFAULT_TABLE_SIZE
+}
+
+/// A listener's `proxy_protocol = { from = [...] }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyProtocol {
+    /// Addresses or CIDR networks of the proxies in front.
+    pub from: Vec<String>,
+    /// Default: `handshake_timeout` on offload, `hello_timeout` elsewhere.
+    #[serde(default)]
+    pub timeout: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -399,6 +413,9 @@ pub struct Pool {
     /// Add the nodes that announce this service by heartbeat.
     #[serde(default)]
     pub discovery: Option<PoolDiscovery>,
+    /// Send a PROXY header (`"v1"` or `"v2"`) on every backend connection.
+    #[serde(default)]
+    pub send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -127,7 +127,9 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
             ));
         }
         let mode = mode(&l, i, &pool_names, &module_names, &env)?;
+        let proxy_protocol = super::proxy_protocol::accept(&l, i)?;
         listeners.push(ListenerPlan {
+            proxy_protocol,
             name: l.name,
             bind,
             mode,
@@ -145,6 +147,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         });
     }
 
+    super::proxy_protocol::check_send_proxy(&listeners, &pools)?;
     if listeners.is_empty() {
         return Err(SemanticError::new(
             Vec::new(),
@@ -225,6 +228,7 @@ fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticErro
     Ok(PoolPlan {
         tls,
         discovery_service: p.discovery.map(|d| d.service),
+        send_proxy: p.send_proxy,
         name: p.name,
         algorithm: p.algorithm,
         backends,
