@@ -118,14 +118,23 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
 }
 
 /// HTTP/2, chosen by ALPN (a client that did not offer `h2` gets HTTP/1.1).
+/// When the drain starts, GOAWAY: streams in flight finish, then the
+/// connection ends.
 async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
+    let drain = svc.offload.drain.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
         .max_header_list_size(http.max_header_bytes as u32)
         .keep_alive_interval(Some(std::time::Duration::from_secs(60)));
-    builder.serve_connection(TokioIo::new(tls), svc).await
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        () = drain.started() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
 }
 
 /// HTTP/1.1 with keep-alive. hyper serves requests for as long as they
@@ -133,6 +142,9 @@ async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
 /// in progress, it is put away (its buffers freed) and the connection
 /// waits for the client's next bytes holding only the TLS session. Bytes
 /// hyper had read but not parsed go to the next hyper connection first.
+///
+/// When the drain starts, an idle connection closes at once and a busy
+/// one after its response, which says `Connection: close`.
 async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
     let activity = svc.activity.clone().unwrap_or_default();
@@ -141,22 +153,36 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         unread: Bytes::new(),
         activity: activity.clone(),
     };
+    // Registered once for the connection's life, polled while it idles
+    // and while hyper serves it; never polled again once it completed.
+    let drain = svc.offload.drain.clone();
+    let drain_started = drain.started();
+    tokio::pin!(drain_started);
+    let mut draining = false;
     loop {
         if io.unread.is_empty() && !io.tls.has_buffered_input() {
+            if draining {
+                return close_for_drain(io).await;
+            }
             // The idle keep-alive wait: the header timeout bounds it, as
             // it bounds hyper's own wait for a request.
             let tcp = io.tls.tcp();
-            match tokio::time::timeout(http.header_timeout, tcp.readable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Ok(()),
+            tokio::select! {
+                biased;
+                ready = tokio::time::timeout(http.header_timeout, tcp.readable()) => match ready {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                },
+                () = drain_started.as_mut() => return close_for_drain(io).await,
             }
         }
         activity.start_cycle();
         // A builder per hyper connection rather than one for the
         // connection's life: a parked connection then holds none (nor
-        // the timer it allocates).
+        // the timer it allocates). During the drain it serves what the
+        // client already sent, then closes.
         let mut conn = Box::new(
-            h1_builder(http)
+            h1_builder(http, !draining)
                 .serve_connection(TokioIo::new(io), svc.clone())
                 .with_upgrades(),
         );
@@ -164,6 +190,12 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         // Set when hyper went idle, for the request count it went idle at.
         let mut grace: Option<(Pin<Box<Sleep>>, usize)> = None;
         poll_fn(|cx| loop {
+            if !draining && drain_started.as_mut().poll(cx).is_ready() {
+                // Idle, hyper closes now; busy, after the response, to
+                // which it adds `Connection: close`.
+                draining = true;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
             match Pin::new(&mut *conn).poll(cx) {
                 Poll::Pending if !parking && activity.can_park() => {
                     // A busy client sends its next request within a round
@@ -216,16 +248,25 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     }
 }
 
+/// A keep-alive connection closed by the drain between requests: the
+/// client gets a TLS close_notify, so it knows the close was meant.
+async fn close_for_drain(io: Io) -> hyper::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = io.tls;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+    Ok(())
+}
+
 type Tls = ServerStream;
 
-fn h1_builder(http: &super::HttpPlan) -> http1::Builder {
+fn h1_builder(http: &super::HttpPlan, keep_alive: bool) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_timeout)
         .max_buf_size(http.max_header_bytes.max(8192))
         .max_headers(http.max_headers)
-        .keep_alive(true);
+        .keep_alive(keep_alive);
     builder
 }
 
