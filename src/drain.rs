@@ -154,6 +154,16 @@ mod tests {
         }
     }
 
+    /// Every offload connection holds this wait for its whole life.
+    #[test]
+    fn the_wait_is_small() {
+        let drain = Drain::new(Arc::default());
+        let wait = drain.started();
+        let size = std::mem::size_of_val(&wait);
+        eprintln!("the drain wait is {size} bytes");
+        assert!(size <= 128, "the drain wait is {size} bytes");
+    }
+
     #[test]
     fn tracked_streams_count_as_open() {
         let tracker = Arc::new(ConnectionTracker::default());

@@ -177,10 +177,12 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
             }
         }
         activity.start_cycle();
+        // Bytes arrived (or were left over) as the drain started: hyper
+        // serves the request they carry, then closes.
+        draining = draining || drain.is_started();
         // A builder per hyper connection rather than one for the
         // connection's life: a parked connection then holds none (nor
-        // the timer it allocates). During the drain it serves what the
-        // client already sent, then closes.
+        // the timer it allocates).
         let mut conn = Box::new(
             h1_builder(http, !draining)
                 .serve_connection(TokioIo::new(io), svc.clone())
@@ -189,14 +191,24 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         let mut parking = false;
         // Set when hyper went idle, for the request count it went idle at.
         let mut grace: Option<(Pin<Box<Sleep>>, usize)> = None;
+        // The drain started while hyper has this connection: it is shut
+        // down gracefully (idle, it closes now; busy, after the response,
+        // to which it adds `Connection: close`) once it has begun a
+        // request. Before that, hyper would count as idle and close
+        // without reading the request the client sent.
+        let mut shutdown_due = false;
         poll_fn(|cx| loop {
             if !draining && drain_started.as_mut().poll(cx).is_ready() {
-                // Idle, hyper closes now; busy, after the response, to
-                // which it adds `Connection: close`.
                 draining = true;
+                shutdown_due = true;
+            }
+            if shutdown_due && activity.started() > 0 {
+                shutdown_due = false;
                 Pin::new(&mut *conn).graceful_shutdown();
             }
             match Pin::new(&mut *conn).poll(cx) {
+                // A request began during this poll.
+                Poll::Pending if shutdown_due && activity.started() > 0 => continue,
                 Poll::Pending if !parking && activity.can_park() => {
                     // A busy client sends its next request within a round
                     // trip: putting hyper away at once would free and
