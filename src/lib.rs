@@ -9,6 +9,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod discovery;
+pub mod drain;
 pub mod http;
 pub mod l4;
 pub mod listener;

@@ -16,6 +16,7 @@ use tokio::task::JoinHandle;
 use crate::balance::{health, Pool};
 use crate::config::{self, ListenerMode, ListenerPlan, Plan, Target};
 use crate::discovery::{Discovery, DiscoveryOptions};
+use crate::drain::Drain;
 use crate::http::upstream::Upstream;
 use crate::http::{Offload, OffloadMetrics, RouteRuntime, TargetRuntime};
 use crate::listener::{self, ListenerMetrics, ListenerShared, ModeRuntime};
@@ -86,6 +87,8 @@ struct Applied {
 pub struct Runtime {
     pub metrics: Arc<Metrics>,
     pub tracker: Arc<ConnectionTracker>,
+    /// Flips when the graceful shutdown starts; connections watch it.
+    pub drain: Drain,
     /// In-process modules by name: built once at start, kept across
     /// reloads (their state outlives any one configuration).
     pub modules: HashMap<String, Arc<dyn Module>>,
@@ -154,6 +157,7 @@ impl Runtime {
         });
         let rt = Arc::new(Runtime {
             metrics,
+            drain: Drain::new(tracker.clone()),
             tracker,
             modules,
             discovery,
@@ -400,6 +404,7 @@ impl Runtime {
                     routes,
                     metrics: om,
                     bytes: metrics.bytes.clone(),
+                    drain: self.drain.clone(),
                 }))
             }
         }
@@ -538,21 +543,39 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
             _ = int.recv() => break,
         }
     }
-    let deadline = rt.plan().drain_timeout;
-    rt.stop_listening();
-    let open = rt.tracker.open();
-    tracing::info!(
-        open,
-        "shutting down: no longer accepting, draining for up to {deadline:?}"
-    );
-    if rt.tracker.wait_idle(deadline).await {
-        tracing::info!("all connections closed; exiting");
-    } else {
-        tracing::warn!(open = rt.tracker.open(), "drain deadline reached; exiting");
-    }
+    drain(&rt, rt.plan().drain_timeout).await;
     for (name, module) in &rt.modules {
         module.shutdown().await;
         tracing::info!(module = %name, "module stopped");
     }
     Ok(())
+}
+
+/// The graceful shutdown: stop accepting, tell every connection (idle
+/// keep-alive connections close, HTTP/2 gets GOAWAY, WebSockets are asked
+/// to reconnect elsewhere, spread over most of the window), then wait
+/// until the last one is done or `deadline` (`drain_timeout`) has passed.
+pub async fn drain(rt: &Runtime, deadline: Duration) {
+    let began = std::time::Instant::now();
+    rt.stop_listening();
+    let spread = crate::drain::spread_for(deadline);
+    tracing::info!(
+        open = rt.tracker.open(),
+        "draining: no longer accepting; connections close as they finish, WebSockets are asked to reconnect over {spread:?}; exiting at the latest after {deadline:?}"
+    );
+    rt.drain.begin(spread);
+    let modules = futures_util::future::join_all(rt.modules.values().map(|m| m.drain(spread)));
+    let (idle, modules_done) = tokio::join!(
+        rt.tracker.wait_idle(deadline),
+        tokio::time::timeout(deadline, modules)
+    );
+    let took = began.elapsed();
+    if idle && modules_done.is_ok() {
+        tracing::info!("drained in {took:.2?}: all connections closed; exiting");
+    } else {
+        tracing::warn!(
+            open = rt.tracker.open(),
+            "drain deadline reached after {took:.2?}; exiting"
+        );
+    }
 }

@@ -11,6 +11,7 @@ pub mod server;
 pub mod service;
 pub mod upgrade;
 pub mod upstream;
+pub mod ws_relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -209,4 +210,6 @@ pub struct Offload {
     pub metrics: OffloadMetrics,
     /// The listener's byte counters, for upgraded streams.
     pub bytes: crate::l4::ByteCounters,
+    /// The process's drain signal.
+    pub drain: crate::drain::Drain,
 }

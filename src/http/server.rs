@@ -131,8 +131,11 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
 }
 
 /// HTTP/2, chosen by ALPN (a client that did not offer `h2` gets HTTP/1.1).
+/// When the drain starts, GOAWAY: streams in flight finish, then the
+/// connection ends.
 async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
+    let drain = svc.offload.drain.clone();
     let mut builder = http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -141,7 +144,13 @@ async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     http.http2.apply(&mut builder);
     let tripped = svc.offload.metrics.h2_control_flood.clone();
     let io = super::h2_guard::Guarded::new(tls, &http.http2, tripped);
-    builder.serve_connection(TokioIo::new(io), svc).await
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        ended = conn.as_mut() => return ended,
+        () = drain.started() => conn.as_mut().graceful_shutdown(),
+    }
+    conn.await
 }
 
 /// HTTP/1.1 with keep-alive. hyper serves requests for as long as they
@@ -149,6 +158,9 @@ async fn serve_h2(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
 /// in progress, it is put away (its buffers freed) and the connection
 /// waits for the client's next bytes holding only the TLS session. Bytes
 /// hyper had read but not parsed go to the next hyper connection first.
+///
+/// When the drain starts, an idle connection closes at once and a busy
+/// one after its response, which says `Connection: close`.
 async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     let http = &svc.offload.http;
     let activity = svc.activity.clone().unwrap_or_default();
@@ -157,30 +169,62 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
         unread: Bytes::new(),
         activity: activity.clone(),
     };
+    // Registered once for the connection's life, polled while it idles
+    // and while hyper serves it; never polled again once it completed.
+    let drain = svc.offload.drain.clone();
+    let drain_started = drain.started();
+    tokio::pin!(drain_started);
+    let mut draining = false;
     loop {
         if io.unread.is_empty() && !io.tls.has_buffered_input() {
+            if draining {
+                return close_for_drain(io).await;
+            }
             // The idle keep-alive wait: the header timeout bounds it, as
             // it bounds hyper's own wait for a request.
             let tcp = io.tls.tcp();
-            match tokio::time::timeout(http.header_timeout, tcp.readable()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) | Err(_) => return Ok(()),
+            tokio::select! {
+                biased;
+                ready = tokio::time::timeout(http.header_timeout, tcp.readable()) => match ready {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) | Err(_) => return Ok(()),
+                },
+                () = drain_started.as_mut() => return close_for_drain(io).await,
             }
         }
         activity.start_cycle();
+        // Bytes arrived (or were left over) as the drain started: hyper
+        // serves the request they carry, then closes.
+        draining = draining || drain.is_started();
         // A builder per hyper connection rather than one for the
         // connection's life: a parked connection then holds none (nor
         // the timer it allocates).
         let mut conn = Box::new(
-            h1_builder(http)
+            h1_builder(http, !draining)
                 .serve_connection(TokioIo::new(io), svc.clone())
                 .with_upgrades(),
         );
         let mut parking = false;
         // Set when hyper went idle, for the request count it went idle at.
         let mut grace: Option<(Pin<Box<Sleep>>, usize)> = None;
+        // The drain started while hyper has this connection: it is shut
+        // down gracefully (idle, it closes now; busy, after the response,
+        // to which it adds `Connection: close`) once it has begun a
+        // request. Before that, hyper would count as idle and close
+        // without reading the request the client sent.
+        let mut shutdown_due = false;
         poll_fn(|cx| loop {
+            if !draining && drain_started.as_mut().poll(cx).is_ready() {
+                draining = true;
+                shutdown_due = true;
+            }
+            if shutdown_due && activity.started() > 0 {
+                shutdown_due = false;
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
             match Pin::new(&mut *conn).poll(cx) {
+                // A request began during this poll.
+                Poll::Pending if shutdown_due && activity.started() > 0 => continue,
                 Poll::Pending if !parking && activity.can_park() => {
                     // A busy client sends its next request within a round
                     // trip: putting hyper away at once would free and
@@ -232,16 +276,25 @@ async fn serve_h1(tls: Box<Tls>, svc: Svc) -> hyper::Result<()> {
     }
 }
 
+/// A keep-alive connection closed by the drain between requests: the
+/// client gets a TLS close_notify, so it knows the close was meant.
+async fn close_for_drain(io: Io) -> hyper::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let mut tls = io.tls;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tls.shutdown()).await;
+    Ok(())
+}
+
 type Tls = ServerStream;
 
-fn h1_builder(http: &super::HttpPlan) -> http1::Builder {
+fn h1_builder(http: &super::HttpPlan, keep_alive: bool) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(http.header_timeout)
         .max_buf_size(http.max_header_bytes.max(8192))
         .max_headers(http.max_headers)
-        .keep_alive(true);
+        .keep_alive(keep_alive);
     builder
 }
 

@@ -272,7 +272,11 @@ async fn proxy(
 
     if let (Some(client_side), StatusCode::SWITCHING_PROTOCOLS) = (client_upgrade, resp.status()) {
         let backend_side = hyper::upgrade::on(&mut resp);
-        super::upgrade::spawn_relay(client_side, backend_side, offload, conn);
+        let websocket = resp
+            .headers()
+            .get(UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        super::upgrade::spawn_relay(client_side, backend_side, websocket, offload, conn);
         let (mut parts, _) = resp.into_parts();
         // Keep Upgrade/Connection: they are the point of a 101.
         let up_hdr = parts.headers.get(UPGRADE).cloned();

@@ -1,19 +1,33 @@
-//! Upgraded connections (WebSocket): once both sides have switched
-//! protocols, bytes flow both ways until either closes or the stream is
-//! idle for `upgrade_idle_timeout`.
+//! Upgraded connections: once both sides have switched protocols, bytes
+//! flow both ways until either closes or the stream is idle for
+//! `upgrade_idle_timeout`. A WebSocket goes through the frame-aware
+//! relay, which lets the drain ask both ends to go away; any other
+//! protocol is a byte stream that runs until it ends or the drain
+//! deadline. Either way the stream counts as open for the drain.
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::{ConnInfo, Offload};
+use super::{ws_relay, ConnInfo, Offload};
 use crate::l4::{relay::relay, PumpEnd};
 
-pub fn spawn_relay(client: OnUpgrade, backend: OnUpgrade, offload: &Offload, conn: &ConnInfo) {
+pub fn spawn_relay(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    websocket: bool,
+    offload: &Offload,
+    conn: &ConnInfo,
+) {
     let idle = offload.http.upgrade_idle_timeout;
     let gauge = offload.metrics.upgraded.clone();
     let counters = offload.bytes.clone();
+    let drain = offload.drain.clone();
+    // Counted from here, before the HTTP connection that carried the
+    // upgrade ends, so that the drain never sees a moment without it.
+    let tracked = drain.track();
     let peer = conn.peer;
     tokio::spawn(async move {
+        let _tracked = tracked;
         let (client, backend) = match tokio::try_join!(client, backend) {
             Ok(pair) => pair,
             Err(e) => {
@@ -22,7 +36,12 @@ pub fn spawn_relay(client: OnUpgrade, backend: OnUpgrade, offload: &Offload, con
             }
         };
         gauge.inc();
-        let report = relay(TokioIo::new(client), TokioIo::new(backend), idle, &counters).await;
+        let (client, backend) = (TokioIo::new(client), TokioIo::new(backend));
+        let report = if websocket {
+            ws_relay::relay(client, backend, idle, &counters, &drain).await
+        } else {
+            relay(client, backend, idle, &counters).await
+        };
         gauge.dec();
         if let PumpEnd::Error(e) = report.end {
             tracing::debug!(%peer, "upgraded stream ended: {e}");

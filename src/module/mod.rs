@@ -50,7 +50,16 @@ pub trait Module: Send + Sync + 'static {
         None
     }
 
-    /// Called once when the process is stopping, after listeners closed.
+    /// Called once when the graceful shutdown starts: close the module's
+    /// long-lived streams (WebSockets), spreading the closes over
+    /// `spread` so that clients do not all reconnect at once, and return
+    /// once they are closed. The process exits when this and every
+    /// connection are done, or at `drain_timeout`.
+    fn drain(&self, _spread: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// Called once when the process is stopping, after the drain.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
     }

@@ -16,6 +16,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 
@@ -25,6 +26,9 @@ pub enum ChannelMsg {
     Poke,
     /// Close the channel with this reason (revoked, replaced, shutdown).
     Close(String),
+    /// The balancer is draining: close with 1001 "going away" at a
+    /// random moment of the drain's spread.
+    Drain,
 }
 
 /// One open channel, shared by the hub and the channel's task.
@@ -33,18 +37,23 @@ pub struct Channel {
     notify: Notify,
     poked: AtomicBool,
     close: OnceLock<String>,
+    draining: AtomicBool,
     /// Where the store's record of this channel is: for ws.rs, which
     /// writes and clears it from two tasks.
     pub recorded: AtomicU8,
 }
 
 impl Channel {
-    /// The next thing the channel is told; a close wins over a poke.
-    /// Cancel-safe: nothing is taken until it is returned.
+    /// The next thing the channel is told; a close wins over a drain,
+    /// a drain over a poke (each drain is told once). Cancel-safe:
+    /// nothing is taken until it is returned.
     pub async fn recv(&self) -> ChannelMsg {
         loop {
             if let Some(reason) = self.close.get() {
                 return ChannelMsg::Close(reason.clone());
+            }
+            if self.draining.swap(false, Ordering::AcqRel) {
+                return ChannelMsg::Drain;
             }
             if self.poked.swap(false, Ordering::AcqRel) {
                 return ChannelMsg::Poke;
@@ -59,6 +68,11 @@ impl Channel {
         self.notify.notify_one();
     }
 
+    fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
     fn close(&self, reason: &str) {
         let _ = self.close.set(reason.to_string());
         self.notify.notify_one();
@@ -68,6 +82,10 @@ impl Channel {
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
+    /// Set when the drain starts: over how long the closes are spread.
+    drain_spread: OnceLock<Duration>,
+    /// Told when the last channel is gone.
+    emptied: Notify,
 }
 
 impl Hub {
@@ -77,7 +95,14 @@ impl Hub {
     /// every command twice).
     pub fn register(&self, device_id: &Arc<str>) -> Arc<Channel> {
         let channel = Arc::new(Channel::default());
-        let old = self.lock().insert(device_id.clone(), channel.clone());
+        let mut channels = self.lock();
+        // A channel opened while draining (its upgrade was under way)
+        // is told at once.
+        if self.drain_spread.get().is_some() {
+            channel.drain();
+        }
+        let old = channels.insert(device_id.clone(), channel.clone());
+        drop(channels);
         if let Some(old) = old {
             old.close("replaced by a newer connection");
         }
@@ -92,6 +117,35 @@ impl Hub {
             .is_some_and(|cur| Arc::ptr_eq(cur, channel))
         {
             channels.remove(device_id);
+            if channels.is_empty() {
+                self.emptied.notify_waiters();
+            }
+        }
+    }
+
+    /// Tell every channel the balancer is draining; each closes at its
+    /// own random moment within `spread`.
+    pub fn drain(&self, spread: Duration) {
+        let channels = self.lock();
+        let _ = self.drain_spread.set(spread);
+        for ch in channels.values() {
+            ch.drain();
+        }
+    }
+
+    /// The spread set by [`Hub::drain`].
+    pub fn drain_spread(&self) -> Duration {
+        self.drain_spread.get().copied().unwrap_or_default()
+    }
+
+    /// Until no channel is registered.
+    pub async fn wait_empty(&self) {
+        loop {
+            let emptied = self.emptied.notified();
+            if self.is_empty() {
+                return;
+            }
+            emptied.await;
         }
     }
 
@@ -108,8 +162,12 @@ impl Hub {
     }
 
     pub fn close(&self, device_id: &str, reason: &str) {
-        if let Some(ch) = self.lock().remove(device_id) {
+        let mut channels = self.lock();
+        if let Some(ch) = channels.remove(device_id) {
             ch.close(reason);
+            if channels.is_empty() {
+                self.emptied.notify_waiters();
+            }
         }
     }
 
@@ -117,6 +175,7 @@ impl Hub {
         for (_, ch) in self.lock().drain() {
             ch.close(reason);
         }
+        self.emptied.notify_waiters();
     }
 
     pub fn is_connected(&self, device_id: &str) -> bool {
@@ -172,6 +231,35 @@ mod tests {
         assert_eq!(next(&b).await, Some(ChannelMsg::Close("revoked".into())));
         hub.unregister("d1", &b);
         assert!(hub.is_empty());
+    }
+
+    #[tokio::test]
+    async fn draining_tells_every_channel_once_and_newcomers_too() {
+        let hub = Hub::default();
+        let (d1, d2): (Arc<str>, Arc<str>) = ("d1".into(), "d2".into());
+        let a = hub.register(&d1);
+        hub.poke("d1");
+        hub.drain(Duration::from_secs(4));
+        assert_eq!(next(&a).await, Some(ChannelMsg::Drain), "before the poke");
+        assert_eq!(next(&a).await, Some(ChannelMsg::Poke));
+        assert_eq!(next(&a).await, None, "told once");
+        let b = hub.register(&d2);
+        assert_eq!(next(&b).await, Some(ChannelMsg::Drain));
+        assert_eq!(hub.drain_spread(), Duration::from_secs(4));
+        let waiter = {
+            let hub = Arc::new(hub);
+            let h = hub.clone();
+            let w = tokio::spawn(async move { h.wait_empty().await });
+            hub.unregister("d1", &a);
+            tokio::task::yield_now().await;
+            assert!(!w.is_finished());
+            hub.unregister("d2", &b);
+            w
+        };
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken when empty")
+            .unwrap();
     }
 
     #[tokio::test]

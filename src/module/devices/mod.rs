@@ -61,6 +61,13 @@ impl Module for DevicesModule {
         Some(Box::pin(admin::handle(self.devices.clone(), req)))
     }
 
+    fn drain(&self, spread: std::time::Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.devices.hub.drain(spread);
+            self.devices.hub.wait_empty().await;
+        })
+    }
+
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(self.devices.shutdown())
     }

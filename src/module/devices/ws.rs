@@ -240,6 +240,8 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
     let mut next_ping = heard + ping_every;
     // When an open channel is parked, unless there is traffic before.
     let mut park_at = heard + PARK_AFTER;
+    // When the drain closes this channel, once it has been told.
+    let mut close_at: Option<Instant> = None;
     let timer = tokio::time::sleep_until(next_ping);
     tokio::pin!(timer);
     let reason = match deliver_boxed(&devices, &id, &mut conn, &mut sent).await {
@@ -249,6 +251,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                 Conn::Open(_) => next_ping.min(park_at),
                 _ => next_ping,
             };
+            let wake = close_at.map_or(wake, |at| wake.min(at));
             if timer.deadline() != wake {
                 timer.as_mut().reset(wake);
             }
@@ -313,8 +316,16 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                     .await;
                     break reason;
                 }
+                Event::Hub(ChannelMsg::Drain) => {
+                    let delay = crate::drain::random_part(devices.hub.drain_spread());
+                    close_at = Some(Instant::now() + delay);
+                }
                 Event::Timer => {
                     let now = Instant::now();
+                    if close_at.is_some_and(|at| now >= at) {
+                        going_away(&mut conn, max_body).await;
+                        break "going away: the balancer is draining".to_string();
+                    }
                     if now >= next_ping {
                         // Two intervals without a word (a pong counts):
                         // the peer is gone without a FIN (NAT dropped,
@@ -369,6 +380,31 @@ async fn clear(devices: &Devices, id: &str) {
     if let Err(e) = devices.store.set_channel(id.to_string(), node, false).await {
         tracing::warn!(device = %id, error = %e, "devices: clearing the channel failed");
     }
+}
+
+/// How long the close handshake may take before the channel hangs up.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Close with 1001 "going away" (the drain) and wait for the device's
+/// Close in reply; on the heap, as [`deliver_boxed`], for a moment of
+/// the channel's life.
+fn going_away(conn: &mut Conn, max_body: usize) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let ws = conn.open(max_body);
+        let frame = CloseFrame {
+            code: CloseCode::Away,
+            reason: crate::http::ws_relay::DRAIN_REASON.into(),
+        };
+        let handshake = async {
+            ws.close(Some(frame)).await?;
+            // The device's Close in reply ends the stream.
+            while let Some(m) = ws.next().await {
+                m?;
+            }
+            Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+        };
+        let _ = tokio::time::timeout(CLOSE_WAIT, handshake).await;
+    })
 }
 
 /// [`deliver`] and [`answer`] on the heap: built in a plain function, so
