@@ -10,6 +10,7 @@ pub mod config;
 pub mod heartbeat_body;
 pub mod heartbeat_decode;
 pub mod heartbeat_roundtrip;
+pub mod proxy_header;
 pub mod request_head;
 
 /// Every target: its corpus folder name and its check.
@@ -19,5 +20,6 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("heartbeat_body", heartbeat_body::run),
     ("heartbeat_decode", heartbeat_decode::run),
     ("heartbeat_roundtrip", heartbeat_roundtrip::run),
+    ("proxy_header", proxy_header::run),
     ("request_head", request_head::run),
 ];
