@@ -13,8 +13,11 @@ pub mod heartbeat_roundtrip;
 pub mod proxy_header;
 pub mod request_head;
 
+/// What a target checks on one input.
+pub type Check = fn(&[u8]);
+
 /// Every target: its corpus folder name and its check.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("client_hello", client_hello::run),
     ("config", config::run),
     ("heartbeat_body", heartbeat_body::run),
