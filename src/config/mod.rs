@@ -132,4 +132,14 @@ mod tests {
         assert_eq!(e.line, 1);
         assert!(e.message.contains("unexpected character '\\0'"), "{e}");
     }
+
+    /// The log filter parser panics on some non-ASCII directives; `check`
+    /// refuses them first. Found by the `config` fuzz target.
+    #[test]
+    fn a_non_ascii_log_level_is_an_error_not_a_panic() {
+        let text = "[global]\nlog_level = \"x, ӓ=info\"\n";
+        let e = parse(text, Path::new("f.toml")).unwrap_err();
+        assert_eq!((e.line, e.key.as_str()), (2, "global.log_level"), "{e}");
+        assert!(e.message.contains("unexpected character 'ӓ'"), "{e}");
+    }
 }
