@@ -18,6 +18,26 @@ type Handle = tracing_subscriber::reload::Handle<EnvFilter, tracing_subscriber::
 
 static LEVEL: std::sync::OnceLock<Handle> = std::sync::OnceLock::new();
 
+/// The filter for `global.log_level` (or `RUST_LOG`), in `RUST_LOG`
+/// syntax. Field values in span filters match literally rather than as
+/// regular expressions: compiled into a DFA, a short pattern in a
+/// configuration file took gigabytes and many seconds (found by the
+/// `config` fuzz target). Non-ASCII is refused: targets are module paths,
+/// and the directive parser panics on some non-ASCII input (it slices at
+/// offsets taken after trimming).
+pub fn filter(directives: &str) -> Result<EnvFilter, String> {
+    if let Some(c) = directives
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_control())
+    {
+        return Err(format!("unexpected character {c:?}"));
+    }
+    EnvFilter::builder()
+        .with_regex(false)
+        .parse(directives)
+        .map_err(|e| e.to_string())
+}
+
 /// Install the subscriber on first use, then change its level: logging
 /// starts before the configuration is read (so loading it can log, e.g.
 /// a generated certificate's fingerprint) and follows `global.log_level`
@@ -26,9 +46,11 @@ pub fn set_level(level: &str) -> Result<(), String> {
     use tracing_subscriber::prelude::*;
     let from_env = std::env::var_os("RUST_LOG").is_some();
     let wanted = || {
-        EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new(level))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
+        std::env::var("RUST_LOG")
+            .ok()
+            .and_then(|env| filter(&env).ok())
+            .or_else(|| filter(level).ok())
+            .unwrap_or_else(|| EnvFilter::new("info"))
     };
     let handle = LEVEL.get_or_init(|| {
         let (layer, handle) = tracing_subscriber::reload::Layer::new(wanted());

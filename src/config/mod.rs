@@ -142,4 +142,17 @@ mod tests {
         assert_eq!((e.line, e.key.as_str()), (2, "global.log_level"), "{e}");
         assert!(e.message.contains("unexpected character 'ӓ'"), "{e}");
     }
+
+    /// A span field value in `log_level` is matched literally: compiled
+    /// as a regular expression this one took over 2 GB. Found by the
+    /// `config` fuzz target.
+    #[test]
+    fn a_log_level_field_filter_is_cheap() {
+        let dots = ".".repeat(120);
+        let text = format!("[global]\nlog_level = \"[{{b=0x35>>>>{dots}>path>>]>> !8a}}da\"\n");
+        // Valid or not, it must return at once.
+        let _ = parse(&text, Path::new("f.toml"));
+        crate::logging::filter("info,[conn{peer=10.0.0.1}]=debug")
+            .expect("a span field filter is accepted");
+    }
 }
