@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use crate::balance::Role;
 use crate::config::ListenerMode;
 use crate::runtime::Runtime;
 
@@ -24,7 +25,8 @@ pub fn document(rt: &Runtime) -> Value {
         .pools()
         .iter()
         .map(|p| {
-            let backends: Vec<Value> = p
+            let set = p.members();
+            let backends: Vec<Value> = set
                 .members
                 .iter()
                 .map(|m| {
@@ -32,19 +34,24 @@ pub fn document(rt: &Runtime) -> Value {
                     json!({
                         "address": b.addr.to_string(),
                         "weight": m.weight,
-                        "backup": m.backup,
+                        "backup": m.role == Role::Backup,
+                        "role": match m.role {
+                            Role::Primary => "primary",
+                            Role::Backup => "backup",
+                            Role::Resting => "resting",
+                        },
                         "up": b.is_up(),
                         "state": b.state_label(),
                         "active_connections": b.active(),
-                        "node": m.node.as_ref().map(|(id, _)| id),
-                        "node_state": m.node.as_ref().map(|(_, s)| s.as_str()),
+                        "node": m.origin.as_ref().map(|o| &*o.node),
+                        "node_state": m.origin.as_ref().map(|o| o.state),
                     })
                 })
                 .collect();
             json!({
                 "name": p.name(),
-                "algorithm": format!("{:?}", p.plan.algorithm),
-                "discovery_service": p.plan.discovery_service,
+                "algorithm": format!("{:?}", set.plan.algorithm),
+                "discovery_service": set.plan.discovery_service,
                 "backends": backends,
             })
         })

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 
+use super::keepalive::KeepAlive;
 use crate::metrics::Metrics;
 
 /// Milliseconds since the process started: a cheap monotonic clock that
@@ -58,6 +59,11 @@ pub struct Backend {
     check_up: AtomicBool,
     /// What the state watcher last reported, to log transitions once.
     reported_up: AtomicBool,
+    /// False while the backend takes no new connection (its server is
+    /// draining) and once it has left its pool.
+    in_rotation: AtomicBool,
+    /// Idle HTTP/1.1 connections to this backend, per worker thread.
+    pub keepalive: KeepAlive,
 }
 
 /// Passive-health thresholds, copied from the pool plan.
@@ -81,6 +87,8 @@ impl Backend {
             down_until_ms: AtomicU64::new(0),
             check_up: AtomicBool::new(true),
             reported_up: AtomicBool::new(true),
+            in_rotation: AtomicBool::new(true),
+            keepalive: KeepAlive::default(),
         }
     }
 
@@ -102,6 +110,20 @@ impl Backend {
             "down: connect failures"
         } else {
             "up"
+        }
+    }
+
+    /// Whether connections to it may be kept for reuse.
+    pub fn in_rotation(&self) -> bool {
+        self.in_rotation.load(Ordering::Relaxed)
+    }
+
+    /// Out of rotation (draining, or gone from its pool): its idle
+    /// connections are closed, and none is kept from now on.
+    pub fn set_in_rotation(&self, yes: bool) {
+        self.in_rotation.store(yes, Ordering::Relaxed);
+        if !yes {
+            self.keepalive.close();
         }
     }
 
@@ -143,6 +165,11 @@ impl Backend {
             return true;
         }
         false
+    }
+
+    /// The last verdict of active probes (true without probes).
+    pub fn check_up(&self) -> bool {
+        self.check_up.load(Ordering::Relaxed)
     }
 
     /// The verdict of active probes (rise/fall already applied).

@@ -4,13 +4,14 @@
 //! the next backend is tried, so a client sees no error while any is up.
 
 use std::future::Future;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::Pool;
+use super::{Backend, MemberSet};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unreachable {
@@ -20,52 +21,51 @@ pub enum Unreachable {
     AllFailed,
 }
 
-/// Try `attempt` on backends chosen by the pool until one succeeds, at
+/// Try `attempt` on backends chosen from `set` until one succeeds, at
 /// most `1 + retries` times.
 pub async fn first_success<T, F, Fut>(
-    pool: &Pool,
+    set: &MemberSet,
     client: IpAddr,
     attempt: F,
-) -> Result<(usize, T), Unreachable>
+) -> Result<(Arc<Backend>, T), Unreachable>
 where
-    F: FnMut(usize) -> Fut,
+    F: FnMut(Arc<Backend>) -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    first_success_excluding(pool, client, &[], attempt).await
+    first_success_excluding(set, client, &[], attempt).await
 }
 
 /// [`first_success`] among the backends not in `exclude` (those a
 /// request already failed on).
 pub async fn first_success_excluding<T, F, Fut>(
-    pool: &Pool,
+    set: &MemberSet,
     client: IpAddr,
-    exclude: &[usize],
+    exclude: &[SocketAddr],
     mut attempt: F,
-) -> Result<(usize, T), Unreachable>
+) -> Result<(Arc<Backend>, T), Unreachable>
 where
-    F: FnMut(usize) -> Fut,
+    F: FnMut(Arc<Backend>) -> Fut,
     Fut: Future<Output = Result<T, String>>,
 {
-    let policy = pool.passive_policy();
-    let attempts = pool.plan.retries as usize + 1 + exclude.len();
-    let mut tried: Vec<usize> = Vec::with_capacity(attempts);
+    let policy = set.passive_policy();
+    let attempts = set.plan.retries as usize + 1 + exclude.len();
+    let mut tried: Vec<SocketAddr> = Vec::with_capacity(attempts);
     tried.extend_from_slice(exclude);
     while tried.len() < attempts {
-        let Some(index) = pool.pick(client, &tried) else {
+        let Some(backend) = set.pick(client, &tried).cloned() else {
             break;
         };
-        tried.push(index);
-        match attempt(index).await {
-            Ok(v) => return Ok((index, v)),
+        tried.push(backend.addr);
+        match attempt(backend.clone()).await {
+            Ok(v) => return Ok((backend, v)),
             Err(why) if why.starts_with(LOCAL) => {
                 // Out of descriptors or memory here: not the backend's
                 // fault, and every other backend would fail the same way.
-                tracing::debug!(pool = %pool.name(), "attempt failed locally: {why}");
+                tracing::debug!(pool = %set.name(), "attempt failed locally: {why}");
                 return Err(Unreachable::AllFailed);
             }
             Err(why) => {
-                let backend = &pool.members[index].backend;
-                tracing::debug!(pool = %pool.name(), backend = %backend.addr, "attempt failed: {why}");
+                tracing::debug!(pool = %set.name(), backend = %backend.addr, "attempt failed: {why}");
                 backend.record_failure(policy);
             }
         }
@@ -77,15 +77,15 @@ where
     })
 }
 
-/// A TCP connect to member `index` with the pool's timeout, timed into the
+/// A TCP connect to `backend` with the pool's timeout, timed into the
 /// backend's connect histogram.
-pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
-    let addr = pool.members[index].backend.addr;
+pub async fn tcp(set: &MemberSet, backend: &Backend) -> Result<TcpStream, String> {
+    let addr = backend.addr;
+    let timeout = set.plan.connect_timeout;
     let started = Instant::now();
-    match tokio::time::timeout(pool.plan.connect_timeout, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => {
-            pool.members[index]
-                .backend
+            backend
                 .metrics
                 .connect_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -96,10 +96,7 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
             Err(format!("{LOCAL}connect: {e}"))
         }
         Ok(Err(e)) => Err(format!("connect: {e}")),
-        Err(_) => Err(format!(
-            "connect timed out after {:?}",
-            pool.plan.connect_timeout
-        )),
+        Err(_) => Err(format!("connect timed out after {timeout:?}")),
     }
 }
 
@@ -107,15 +104,15 @@ pub async fn tcp(pool: &Pool, index: usize) -> Result<TcpStream, String> {
 /// client byte. A connection that takes no header is a failed attempt
 /// like one that does not connect.
 pub async fn tcp_with_header(
-    pool: &Pool,
-    index: usize,
+    set: &MemberSet,
+    backend: &Backend,
     header: Option<&[u8]>,
 ) -> Result<TcpStream, String> {
-    let mut stream = tcp(pool, index).await?;
+    let mut stream = tcp(set, backend).await?;
     if let Some(header) = header {
         // A fresh connection's send buffer takes a header at once; the
         // timeout is for a peer that is gone.
-        tokio::time::timeout(pool.plan.connect_timeout, stream.write_all(header))
+        tokio::time::timeout(set.plan.connect_timeout, stream.write_all(header))
             .await
             .map_err(|_| "PROXY header write timed out".to_string())?
             .map_err(|e| format!("PROXY header write: {e}"))?;

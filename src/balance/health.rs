@@ -12,32 +12,27 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
-use super::pool::Pool;
-use crate::config::{CheckKind, HealthPlan};
+use super::backend::Backend;
+use super::settings::{CheckKind, HealthPlan};
 
-/// Start one probe loop per backend; abort the handles to stop them.
-pub fn spawn(pool: &Arc<Pool>) -> Vec<JoinHandle<()>> {
-    let Some(plan) = pool.plan.health_check.clone() else {
-        return Vec::new();
-    };
-    let tls = Arc::new(tls_probe_config());
-    (0..pool.members.len())
-        .map(|i| {
-            let pool = pool.clone();
-            let plan = plan.clone();
-            let tls = tls.clone();
-            tokio::spawn(async move { probe_loop(pool, i, plan, tls).await })
-        })
-        .collect()
+/// Start the probe loop of one backend; abort the handle to stop it. The
+/// loop's rise/fall counts live as long as the task, which the pool keeps
+/// for as long as the backend stays in it.
+pub fn spawn(
+    backend: Arc<Backend>,
+    plan: HealthPlan,
+    tls: Arc<rustls::ClientConfig>,
+) -> JoinHandle<()> {
+    tokio::spawn(probe_loop(backend, plan, tls))
 }
 
-async fn probe_loop(pool: Arc<Pool>, i: usize, plan: HealthPlan, tls: Arc<rustls::ClientConfig>) {
-    let backend = pool.members[i].backend.clone();
+async fn probe_loop(backend: Arc<Backend>, plan: HealthPlan, tls: Arc<rustls::ClientConfig>) {
     // Spread probes of many backends over the interval.
     let offset = plan.interval.mul_f64(fastrand::f64() * 0.5);
     tokio::time::sleep(offset).await;
     let (mut good, mut bad) = (0u32, 0u32);
-    let mut up = backend.is_up();
+    // A restarted probe (its check changed) goes on from the last verdict.
+    let mut up = backend.check_up();
     let mut tick = tokio::time::interval(plan.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -61,7 +56,7 @@ async fn probe_loop(pool: Arc<Pool>, i: usize, plan: HealthPlan, tls: Arc<rustls
                 bad += 1;
                 if up && bad >= plan.fall {
                     up = false;
-                    tracing::warn!(pool = %pool.name(), backend = %backend.addr, "health check failed {bad} times: {why}");
+                    tracing::warn!(pool = %backend.pool, backend = %backend.addr, "health check failed {bad} times: {why}");
                     backend.set_check_up(false);
                 }
             }

@@ -378,16 +378,7 @@ pub struct PoolTls {
     pub key: Option<String>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum Algorithm {
-    #[default]
-    RoundRobin,
-    WeightedRoundRobin,
-    LeastConn,
-    P2c,
-    HashClientIp,
-}
+pub use crate::balance::Algorithm;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -428,13 +419,7 @@ pub struct Backend {
     pub backup: bool,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum CheckKind {
-    Tcp,
-    Tls,
-    Http,
-}
+pub use crate::balance::CheckKind;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -11,7 +11,7 @@ use crate::acl::Acl;
 use crate::key_path;
 
 /// Upper bound on a backend weight: keeps the round-robin schedule small.
-pub const MAX_WEIGHT: u32 = 1000;
+pub use crate::balance::MAX_WEIGHT;
 
 pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, SemanticError> {
     // Relative file names (certificates, keys) are relative to the

@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod announcer;
+pub mod members;
 pub mod receiver;
 pub mod registry;
 pub mod token;
@@ -27,6 +28,7 @@ use prometheus::{IntCounter, IntCounterVec};
 use tokio::task::JoinHandle;
 
 pub use announcer::{Announcer, AnnouncerOptions};
+pub use members::DiscoveredMembers;
 pub use receiver::{ReceiverStats, Rejections};
 pub use registry::{Endpoint, Node, Registry, Snapshot};
 pub use token::Token;

@@ -132,6 +132,10 @@ pub struct OffloadMetrics {
     pub dropped_lookalike: IntCounter,
     pub upstream_retries: IntCounter,
     pub h2_control_flood: IntCounter,
+    /// `fleetgate_tls_versions_total` for 1.3, 1.2 and other.
+    versions: [IntCounter; 3],
+    /// `fleetgate_tls_alpn_total` for h2, http/1.1, none and other.
+    alpn: [IntCounter; 4],
     metrics: Arc<Metrics>,
     listener: String,
 }
@@ -168,18 +172,31 @@ impl OffloadMetrics {
             h2_control_flood: hard
                 .http2_closed
                 .with_label_values(&[listener, "control_frames"]),
+            versions: ["1.3", "1.2", "other"]
+                .map(|v| m.tls_versions.with_label_values(&[listener, v])),
+            alpn: ["h2", "http/1.1", "none", "other"]
+                .map(|a| m.tls_alpn.with_label_values(&[listener, a])),
             metrics: m.clone(),
             listener: listener.to_string(),
         }
     }
 
-    pub fn handshake_version(&self, version: &str, alpn: &str) {
-        let l = self.listener.as_str();
-        self.metrics
-            .tls_versions
-            .with_label_values(&[l, version])
-            .inc();
-        self.metrics.tls_alpn.with_label_values(&[l, alpn]).inc();
+    /// Count a handshake's version and ALPN protocol (handles resolved
+    /// once per listener: no label lookup per handshake).
+    pub fn handshake_version(&self, version: &str, alpn: Option<&[u8]>) {
+        let v = match version {
+            "1.3" => 0,
+            "1.2" => 1,
+            _ => 2,
+        };
+        self.versions[v].inc();
+        let a = match alpn {
+            Some(b"h2") => 0,
+            Some(b"http/1.1") => 1,
+            None => 2,
+            Some(_) => 3,
+        };
+        self.alpn[a].inc();
     }
 
     pub fn route(&self, route: &str) -> ([IntCounter; 5], Histogram) {

@@ -19,6 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Instant, Sleep};
 
+use arc_swap::ArcSwap;
+
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
 use crate::logging::RateLimit;
@@ -28,7 +30,12 @@ use crate::tls::server_stream::ServerStream;
 /// Refused ClientHellos are an attacker's to send: one line per second.
 static HELLO_REJECT_LOG: RateLimit = RateLimit::new(1000);
 
-pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
+/// `slot` holds the listener's current routes: the handshake and the
+/// connection's settings come from what it holds at accept, each request
+/// is routed with what it holds when the request arrives (a reload's new
+/// routes apply to established connections too).
+pub async fn serve(tcp: TcpStream, peer: SocketAddr, slot: Arc<ArcSwap<Offload>>) {
+    let offload = slot.load_full();
     let listener = &*offload.name;
     let m = &offload.metrics;
     // The handshake state and the stream live on the heap: inline, each
@@ -98,10 +105,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
         _ => "other",
     };
     let alpn = session.alpn_protocol();
-    m.handshake_version(
-        version,
-        alpn.map_or("none", |a| std::str::from_utf8(a).unwrap_or("other")),
-    );
+    m.handshake_version(version, alpn);
     let h2 = alpn == Some(b"h2");
     // Everything a connection keeps for its whole life is kept once:
     // the listener's name is shared, the server name moves out of the
@@ -117,6 +121,7 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, offload: Arc<Offload>) {
 
     let svc = Svc {
         offload: offload.clone(),
+        slot,
         conn,
         activity: (!h2).then(Arc::default),
     };
@@ -374,7 +379,11 @@ impl AsyncWrite for Io {
 /// The per-connection request handler given to hyper.
 #[derive(Clone)]
 struct Svc {
+    /// What the connection was accepted with: its connection-level
+    /// settings (timeouts, HTTP/2 limits) stay.
     offload: Arc<Offload>,
+    /// Routes for each request.
+    slot: Arc<ArcSwap<Offload>>,
     conn: Arc<ConnInfo>,
     /// HTTP/1 only.
     activity: Option<Arc<Activity>>,
@@ -397,7 +406,7 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
                 watch = a.watch_body();
             }
         }
-        let (offload, conn) = (self.offload.clone(), self.conn.clone());
+        let (offload, conn) = (self.slot.load_full(), self.conn.clone());
         Box::pin(async move {
             let resp = service::handle(offload, conn, req, watch).await;
             Ok(resp.map(|body| ResponseBody::new(body, busy)))

@@ -202,7 +202,7 @@ async fn proxy(
     // keep-alive timeout (one given back a moment ago is not closed under
     // it, and copying every request's headers cost an allocation per
     // header map on single-backend pools).
-    let elsewhere = up.pool.members.len() > 1;
+    let elsewhere = checkout.eligible > 1;
     let template = match checkout.idled {
         _ if !resendable => None,
         _ if elsewhere => Some(copy_head(&request)),
@@ -210,10 +210,10 @@ async fn proxy(
         _ => None,
     };
     // Backends this request failed on, each tried once at most.
-    let mut failed_on: Vec<usize> = Vec::new();
+    let mut failed_on: Vec<std::net::SocketAddr> = Vec::new();
     let mut stale_resent = false;
     let mut resp = loop {
-        let backend = up.pool.members[checkout.index].backend.clone();
+        let backend = checkout.backend.clone();
         let sent = {
             let _open = backend.track();
             tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await
@@ -256,8 +256,8 @@ async fn proxy(
         } else {
             // Like nginx's `proxy_next_upstream error`: the next backend.
             tracing::debug!(backend = %backend.addr, "connection failed before a response: {e}; trying the next backend");
-            backend.record_failure(up.pool.passive_policy());
-            failed_on.push(checkout.index);
+            backend.record_failure(checkout.policy);
+            failed_on.push(backend.addr);
         }
         checkout = match up.checkout(peer, true, false, &failed_on).await {
             Ok(c) => c,

@@ -1,64 +1,28 @@
 //! Connections from the offload proxy to a pool's backends: HTTP/1.1,
 //! plain or re-encrypted TLS, kept alive and reused per backend and per
-//! worker thread.
-//!
-//! Why per thread: a backend connection is a hyper task spawned on the
-//! runtime of the worker that opened it. Reused by a request on another
-//! worker, every request and response would cross threads (a futex wake
-//! each way, and the cache lines of both tasks), which costs as much as
-//! the proxying itself. So idle connections wait in a thread-local list
-//! and are taken only by requests on their own thread, as nginx keeps its
-//! upstream keep-alive cache per worker process.
+//! worker thread (the idle lists belong to each backend: see
+//! `balance::keepalive`).
 
-use std::cell::RefCell;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::thread::{self, ThreadId};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use http_body_util::combinators::BoxBody;
-use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::balance::connect::{self, Unreachable};
-use crate::balance::Pool;
+use crate::balance::{Backend, MemberSet, PassivePolicy, Pool};
 
 use super::at_end::{AtEnd, EndHook};
+pub use crate::balance::keepalive::Body;
 pub use crate::tls::upstream::UpstreamTls;
 
-pub type Body = BoxBody<Bytes, hyper::Error>;
-
-struct IdleConn {
-    sender: SendRequest<Body>,
-    since: Instant,
-}
-
-/// One upstream's idle connections on one thread.
-struct ThreadIdle {
-    upstream: u64,
-    /// Dead once the upstream is dropped (a reload): the entry and its
-    /// connections are then dropped by the next look at this thread's list.
-    alive: Weak<()>,
-    /// By pool member index.
-    by_member: Vec<Vec<IdleConn>>,
-}
-
-thread_local! {
-    /// This thread's idle backend connections, for every upstream.
-    static IDLE: RefCell<Vec<ThreadIdle>> = const { RefCell::new(Vec::new()) };
-}
-
-static NEXT_UPSTREAM: AtomicU64 = AtomicU64::new(0);
-
+/// A pool as one offload listener reaches it: the pool (live: it follows
+/// discovery and reloads) and this listener's keep-alive settings.
 pub struct Upstream {
     pub pool: Arc<Pool>,
-    tls: Option<UpstreamTls>,
-    /// Tells this thread-local lists in [`IDLE`] apart.
-    id: u64,
-    alive: Arc<()>,
     /// Per backend and per thread.
     max_idle: usize,
     idle_timeout: Duration,
@@ -66,29 +30,24 @@ pub struct Upstream {
 
 /// A connection ready for one request.
 pub struct Checkout {
-    pub index: usize,
+    pub backend: Arc<Backend>,
     pub sender: SendRequest<Body>,
     /// How long it had been idle in the keep-alive pool; `None` for a new
     /// connection. A reused one may have been closed by the backend
     /// meanwhile: the caller may send the request again once.
     pub idled: Option<Duration>,
+    /// Backends that could take the request again, this one included.
+    pub eligible: usize,
+    pub policy: PassivePolicy,
     /// The thread whose runtime drives the connection: it goes back to
     /// that thread's list only.
     home: ThreadId,
 }
 
 impl Upstream {
-    pub fn new(
-        pool: Arc<Pool>,
-        tls: Option<UpstreamTls>,
-        max_idle: usize,
-        idle_timeout: Duration,
-    ) -> Upstream {
+    pub fn new(pool: Arc<Pool>, max_idle: usize, idle_timeout: Duration) -> Upstream {
         Upstream {
             pool,
-            tls,
-            id: NEXT_UPSTREAM.fetch_add(1, Ordering::Relaxed),
-            alive: Arc::new(()),
             max_idle,
             idle_timeout,
         }
@@ -103,78 +62,51 @@ impl Upstream {
         client: IpAddr,
         fresh: bool,
         upgrades: bool,
-        exclude: &[usize],
+        exclude: &[SocketAddr],
     ) -> Result<Checkout, Unreachable> {
-        let pool = &self.pool;
-        let (index, (sender, idled)) =
-            connect::first_success_excluding(pool, client, exclude, |i| async move {
+        // The member set as it is now; a change published meanwhile
+        // applies to the next request.
+        let set = self.pool.members();
+        let set = &*set;
+        let (backend, (sender, idled)) =
+            connect::first_success_excluding(set, client, exclude, |b| async move {
                 if !fresh {
                     // Given back at the end of a response, a connection is
                     // ready as soon as its task has seen that end too; one
                     // the backend closed meanwhile fails here.
-                    while let Some((mut s, idled)) = self.take_idle(i) {
+                    while let Some((mut s, idled)) = b.keepalive.take(self.idle_timeout) {
                         if s.ready().await.is_ok() {
                             return Ok((s, Some(idled)));
                         }
                     }
                 }
-                self.open(i, upgrades).await.map(|s| (s, None))
+                self.open(set, &b, upgrades).await.map(|s| (s, None))
             })
             .await?;
         Ok(Checkout {
-            index,
+            backend,
             sender,
             idled,
+            eligible: set.eligible(),
+            policy: set.passive_policy(),
             home: thread::current().id(),
         })
     }
 
-    /// Runs `f` on this thread's idle lists of this upstream, dropping
-    /// the lists of upstreams that no longer exist on the way.
-    fn with_idle<R>(&self, f: impl FnOnce(&mut Vec<IdleConn>) -> R, i: usize) -> R {
-        IDLE.with_borrow_mut(|lists| {
-            lists.retain(|l| l.alive.strong_count() > 0);
-            let pos = match lists.iter().position(|l| l.upstream == self.id) {
-                Some(p) => p,
-                None => {
-                    lists.push(ThreadIdle {
-                        upstream: self.id,
-                        alive: Arc::downgrade(&self.alive),
-                        by_member: (0..self.pool.members.len()).map(|_| Vec::new()).collect(),
-                    });
-                    lists.len() - 1
-                }
-            };
-            f(&mut lists[pos].by_member[i])
-        })
-    }
-
-    // Dropping a sender inside the borrow is fine: it only wakes its
-    // connection task, it never runs it (or this code) in place.
-    fn take_idle(&self, i: usize) -> Option<(SendRequest<Body>, Duration)> {
-        self.with_idle(
-            |idle| {
-                while let Some(c) = idle.pop() {
-                    let idled = c.since.elapsed();
-                    if !c.sender.is_closed() && idled < self.idle_timeout {
-                        return Some((c.sender, idled));
-                    }
-                }
-                None
-            },
-            i,
-        )
-    }
-
-    async fn open(&self, i: usize, upgrades: bool) -> Result<SendRequest<Body>, String> {
-        let tcp = connect::tcp(&self.pool, i).await?;
+    async fn open(
+        &self,
+        set: &MemberSet,
+        backend: &Backend,
+        upgrades: bool,
+    ) -> Result<SendRequest<Body>, String> {
+        let tcp = connect::tcp(set, backend).await?;
         let _ = tcp.set_nodelay(true);
-        match &self.tls {
+        match &set.plan.tls {
             None => handshake(tcp, upgrades).await,
             Some(t) => {
-                let name = t.server_name(self.pool.members[i].backend.addr);
+                let name = t.server_name(backend.addr);
                 let stream = tokio::time::timeout(
-                    self.pool.plan.connect_timeout,
+                    set.plan.connect_timeout,
                     t.connector().connect(name, tcp),
                 )
                 .await
@@ -186,21 +118,15 @@ impl Upstream {
     }
 
     /// Put a connection back; only once its response has been read in
-    /// full (see [`PooledBody`]), and only on the thread that drives it.
-    fn give_back(&self, index: usize, sender: SendRequest<Body>, home: ThreadId) {
-        if sender.is_closed() || thread::current().id() != home {
+    /// full (see [`PooledBody`]), only on the thread that drives it, and
+    /// only while its backend is in rotation.
+    fn give_back(&self, c: Checkout) {
+        if thread::current().id() != c.home || !c.backend.in_rotation() {
             return;
         }
-        self.with_idle(
-            |idle| {
-                let now = Instant::now();
-                idle.retain(|c| !c.sender.is_closed() && now - c.since < self.idle_timeout);
-                if idle.len() < self.max_idle {
-                    idle.push(IdleConn { sender, since: now });
-                }
-            },
-            index,
-        );
+        c.backend
+            .keepalive
+            .put(c.sender, self.max_idle, self.idle_timeout);
     }
 }
 
@@ -221,7 +147,7 @@ impl GiveBack {
 impl EndHook for GiveBack {
     fn ended(&mut self) {
         if let Some((up, c)) = self.0.take() {
-            up.give_back(c.index, c.sender, c.home);
+            up.give_back(c);
         }
     }
 }

@@ -1,75 +1,45 @@
-//! The running balancer: applies a `Plan`, swaps in a new one on reload
-//! without touching established connections, and drains on shutdown.
+//! The running balancer: applies a `Plan`, applies a new one on reload
+//! (every section it changes, or none: a change that needs a restart
+//! refuses the whole reload), and drains on shutdown.
+//!
+//! The control plane is one-way. A reload is the only writer of listeners
+//! and of pool settings; discovery writes only the member sets of the
+//! pools that follow it (each pool follows its own sources, see
+//! `balance::pool`); the connection path only reads.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::balance::{health, Pool};
+use crate::balance::{MemberSource, Pool, PoolPlan, StaticMembers};
 use crate::config::{self, ListenerMode, ListenerPlan, Plan, Target};
-use crate::discovery::{Discovery, DiscoveryOptions};
-use crate::drain::Drain;
+use crate::discovery::{DiscoveredMembers, Discovery, DiscoveryOptions};
+use crate::drain::{ConnectionTracker, Drain};
+use crate::frontend::passthrough::Passthrough;
+use crate::frontend::{self, ListenerMetrics, ListenerShared, ModeRuntime};
 use crate::http::upstream::Upstream;
 use crate::http::{Offload, OffloadMetrics, RouteRuntime, TargetRuntime};
-use crate::listener::{self, ListenerMetrics, ListenerShared, ModeRuntime};
 use crate::logging::RateLimit;
 use crate::metrics::Metrics;
 use crate::module::{Module, ModuleEnv, Registry};
-use crate::passthrough::Passthrough;
 use crate::workers::Workers;
 
-/// Counts open connections process-wide so that shutdown can wait for them.
-#[derive(Default)]
-pub struct ConnectionTracker {
-    open: AtomicUsize,
-    all_closed: Notify,
-}
+mod restart;
 
-pub struct TrackedConnection(Arc<ConnectionTracker>);
-
-impl ConnectionTracker {
-    pub fn track(this: Arc<Self>) -> TrackedConnection {
-        this.open.fetch_add(1, Ordering::Relaxed);
-        TrackedConnection(this)
-    }
-
-    pub fn open(&self) -> usize {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Wait until no connection is open, or `deadline` passes.
-    pub async fn wait_idle(&self, deadline: Duration) -> bool {
-        let wait = async {
-            loop {
-                let notified = self.all_closed.notified();
-                if self.open() == 0 {
-                    return;
-                }
-                notified.await;
-            }
-        };
-        tokio::time::timeout(deadline, wait).await.is_ok()
-    }
-}
-
-impl Drop for TrackedConnection {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::Relaxed) == 1 {
-            self.0.all_closed.notify_waiters();
-        }
-    }
-}
+use restart::needs_restart;
 
 struct RunningListener {
     shared: Arc<ArcSwap<ListenerShared>>,
+    /// Offload listeners: the routes their connections read per request.
+    offload: Option<Arc<ArcSwap<Offload>>>,
     stop: watch::Sender<bool>,
     /// One accept loop per connection worker.
     tasks: Vec<JoinHandle<()>>,
@@ -79,8 +49,9 @@ struct RunningListener {
 /// by the connection path (which reads the `ArcSwap`s).
 struct Applied {
     plan: Arc<Plan>,
+    /// Live pools by name: kept across reloads (with their backends'
+    /// state), updated in place.
     pools: HashMap<String, Arc<Pool>>,
-    health: Vec<JoinHandle<()>>,
     listeners: HashMap<SocketAddr, RunningListener>,
 }
 
@@ -94,6 +65,9 @@ pub struct Runtime {
     pub modules: HashMap<String, Arc<dyn Module>>,
     /// Heartbeat receiver and registry, when `[discovery]` is configured.
     pub discovery: Option<Discovery>,
+    /// The module kinds the process knows, so that a reload validates an
+    /// embedder's own kinds as the start did.
+    registry: Registry,
     applied: Mutex<Applied>,
     background: Mutex<Vec<JoinHandle<()>>>,
     /// Where listeners accept and connections run; declared last so it is
@@ -152,7 +126,6 @@ impl Runtime {
         let applied = Mutex::new(Applied {
             plan: Arc::new(plan.clone()),
             pools: HashMap::new(),
-            health: Vec::new(),
             listeners: HashMap::new(),
         });
         let rt = Arc::new(Runtime {
@@ -161,18 +134,13 @@ impl Runtime {
             tracker,
             modules,
             discovery,
+            registry: registry.clone(),
             applied,
             background: Mutex::new(Vec::new()),
             workers,
         });
         rt.apply(plan)?;
-        let mut tasks = vec![tokio::spawn(watch_backends(Arc::downgrade(&rt)))];
-        if let Some(d) = &rt.discovery {
-            tasks.push(tokio::spawn(follow_registry(
-                Arc::downgrade(&rt),
-                d.registry().subscribe(),
-            )));
-        }
+        let tasks = vec![tokio::spawn(watch_backends(Arc::downgrade(&rt)))];
         rt.background.lock().unwrap().extend(tasks);
         Ok(rt)
     }
@@ -194,7 +162,7 @@ impl Runtime {
     /// Re-read the configuration file; on any error the running plan stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let path = self.plan().source.clone();
-        let result = config::load(&path)
+        let result = config::load_with(&path, &self.registry)
             .map_err(anyhow::Error::from)
             .and_then(|plan| self.apply(plan));
         let label = if result.is_ok() { "ok" } else { "error" };
@@ -203,44 +171,46 @@ impl Runtime {
     }
 
     /// Make `plan` the running configuration. Everything that can fail
-    /// (binding new addresses) happens before anything is changed.
+    /// (a change that needs a restart, binding new addresses) is checked
+    /// before anything is changed.
     fn apply(&self, plan: Plan) -> anyhow::Result<()> {
         let mut applied = self.applied.lock().unwrap();
-        if !applied.listeners.is_empty() && applied.plan.modules != plan.modules {
-            anyhow::bail!(
-                "{}: changing [module] tables needs a restart",
-                plan.source.display()
-            );
+        let started = !applied.listeners.is_empty();
+        if started {
+            needs_restart(&applied.plan, &plan)
+                .map_err(|what| anyhow::anyhow!("{}: {what}", plan.source.display()))?;
         }
 
-        // 1. New pools, keeping backend state where addresses persist.
-        let pools: HashMap<String, Arc<Pool>> = plan
-            .pools
-            .iter()
-            .map(|p| {
-                let old = applied.pools.get(&p.name).map(|a| a.as_ref());
-                let discovered = match (&p.discovery_service, &self.discovery) {
-                    (Some(service), Some(d)) => d.registry().endpoints(service),
-                    _ => Vec::new(),
-                };
-                (
-                    p.name.clone(),
-                    Arc::new(Pool::build(p, old, &self.metrics, &discovered)),
-                )
-            })
-            .collect();
-
-        // 2. Bind addresses that are not bound yet; fail without changes.
+        // 1. Bind addresses that are not bound yet; fail without changes.
         let mut fresh = HashMap::new();
         for l in &plan.listeners {
             if !applied.listeners.contains_key(&l.bind) {
-                let sock = listener::bind_group(l.bind, &l.socket, self.workers.len())
+                let sock = frontend::bind_group(l.bind, &l.socket, self.workers.len())
                     .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
                 fresh.insert(l.bind, sock);
             }
         }
 
-        // 3. Commit: swap shared state, start new listeners, stop old ones.
+        // 2. Pools: one that stays is reconfigured in place (its backends
+        // keep their state); a new one starts; a removed one closes.
+        let mut pools = HashMap::new();
+        for p in &plan.pools {
+            let sources = self.member_sources(p);
+            let pool = match applied.pools.remove(&p.name) {
+                Some(pool) => {
+                    pool.reconfigure(Some(p.clone()), sources);
+                    pool
+                }
+                None => Pool::new(p.clone(), sources, self.metrics.clone()),
+            };
+            pools.insert(p.name.clone(), pool);
+        }
+        for (_, gone) in applied.pools.drain() {
+            gone.close();
+        }
+        applied.pools = pools;
+
+        // 3. Listeners: swap shared state, start new ones, stop old ones.
         // The open-file limit may have changed since the last plan.
         crate::shortage::set_reserve(plan.descriptor_reserve);
         let mut keep = HashSet::new();
@@ -248,24 +218,35 @@ impl Runtime {
             keep.insert(l.bind);
             let metrics = ListenerMetrics::new(&self.metrics, &l.name);
             let running = applied.listeners.get(&l.bind);
-            // A listener that stays keeps its per-source counts.
+            // A listener that stays keeps its per-source counts and its
+            // log rate limit.
             let previous = running.map(|r| r.shared.load_full());
             let source_limits = l.per_source.as_ref().map(|p| {
                 let old = previous.as_ref().and_then(|s| s.source_limits.as_ref());
                 crate::source_limits::SourceLimits::new(p, old)
             });
+            let reject_log = previous
+                .as_ref()
+                .map_or_else(|| Arc::new(RateLimit::new(1000)), |s| s.reject_log.clone());
+            let old_slot = running.and_then(|r| r.offload.clone());
+            let mode = self.mode_runtime(l, &applied.pools, &metrics, old_slot);
+            let offload = match &mode {
+                ModeRuntime::Offload(slot) => Some(slot.clone()),
+                _ => None,
+            };
             let shared = Arc::new(ListenerShared {
-                mode: self.mode_runtime(l, &pools, &metrics),
+                mode,
                 metrics,
                 plan: l.clone(),
-                reject_log: RateLimit::new(1000),
+                reject_log,
                 source_limits,
             });
-            if let Some(running) = running {
+            if let Some(running) = applied.listeners.get_mut(&l.bind) {
                 running.shared.store(shared);
+                running.offload = offload;
                 continue;
             }
-            let group = fresh.remove(&l.bind).expect("bound in step 2");
+            let group = fresh.remove(&l.bind).expect("bound in step 1");
             let shared = Arc::new(ArcSwap::new(shared));
             let (stop, stop_rx) = watch::channel(false);
             let active = Arc::new(AtomicUsize::new(0));
@@ -285,7 +266,7 @@ impl Runtime {
                     worker.spawn(async move {
                         match TcpListener::from_std(sock) {
                             Ok(sock) => {
-                                listener::accept_loop(sock, shared, active, tracker, stop_rx)
+                                frontend::accept_loop(sock, shared, active, tracker, stop_rx)
                                     .await
                             }
                             Err(e) => tracing::error!(listener = %name, "cannot register listening socket: {e}"),
@@ -298,6 +279,7 @@ impl Runtime {
                 l.bind,
                 RunningListener {
                     shared,
+                    offload,
                     stop,
                     tasks,
                 },
@@ -315,36 +297,32 @@ impl Runtime {
                 tracing::info!(bind = %addr, "listener closed (removed from configuration)");
             }
         }
-
-        // Health probes follow the new pools; series of removed backends go.
-        for h in applied.health.drain(..) {
-            h.abort();
-        }
-        for (name, old) in &applied.pools {
-            for m in &old.members {
-                let still = pools.get(name).is_some_and(|p| {
-                    p.members
-                        .iter()
-                        .any(|n| Arc::ptr_eq(&n.backend, &m.backend))
-                });
-                if !still {
-                    self.metrics
-                        .forget_backend(name, &m.backend.addr.to_string());
-                }
-            }
-        }
-        applied.health = pools.values().flat_map(health::spawn).collect();
-        applied.pools = pools;
         applied.plan = Arc::new(plan);
         Ok(())
     }
 
-    /// Resolve a listener's pools (and, for offload, its upstreams).
+    /// Where a pool's members come from: its static backends, then the
+    /// nodes announcing its service.
+    fn member_sources(&self, p: &PoolPlan) -> Vec<Arc<dyn MemberSource>> {
+        let mut sources: Vec<Arc<dyn MemberSource>> =
+            vec![Arc::new(StaticMembers(p.backends.clone()))];
+        if let (Some(service), Some(d)) = (&p.discovery_service, &self.discovery) {
+            sources.push(Arc::new(DiscoveredMembers::new(
+                d.registry().clone(),
+                service.clone(),
+            )));
+        }
+        sources
+    }
+
+    /// Resolve a listener's pools (and, for offload, its upstreams and
+    /// routes, stored into `slot` when the listener already had one).
     fn mode_runtime(
         &self,
         l: &ListenerPlan,
         pools: &HashMap<String, Arc<Pool>>,
         metrics: &ListenerMetrics,
+        slot: Option<Arc<ArcSwap<Offload>>>,
     ) -> ModeRuntime {
         match &l.mode {
             ListenerMode::Tcp { pool } => ModeRuntime::Tcp(pools[pool].clone()),
@@ -362,7 +340,7 @@ impl Runtime {
             }),
             ListenerMode::Offload(o) => {
                 let om = OffloadMetrics::new(&self.metrics, &l.name);
-                // One upstream (keep-alive connections) per pool per listener.
+                // One upstream (keep-alive settings) per pool per listener.
                 let mut upstreams: HashMap<&str, Arc<Upstream>> = HashMap::new();
                 let routes = o
                     .routes
@@ -371,11 +349,8 @@ impl Runtime {
                         let target = match &r.target {
                             Target::Pool(name) => {
                                 let up = upstreams.entry(name.as_str()).or_insert_with(|| {
-                                    let pool = pools[name].clone();
-                                    let tls = pool.plan.tls.clone();
                                     Arc::new(Upstream::new(
-                                        pool,
-                                        tls,
+                                        pools[name].clone(),
                                         o.http.upstream_keepalive,
                                         o.http.upstream_idle_timeout,
                                     ))
@@ -395,7 +370,7 @@ impl Runtime {
                         }
                     })
                     .collect();
-                ModeRuntime::Offload(Arc::new(Offload {
+                let offload = Arc::new(Offload {
                     name: l.name.as_str().into(),
                     tls: o.tls.clone(),
                     revocation: o.revocation.clone(),
@@ -405,12 +380,19 @@ impl Runtime {
                     metrics: om,
                     bytes: metrics.bytes.clone(),
                     drain: self.drain.clone(),
-                }))
+                });
+                match slot {
+                    Some(slot) => {
+                        slot.store(offload);
+                        ModeRuntime::Offload(slot)
+                    }
+                    None => ModeRuntime::Offload(Arc::new(ArcSwap::new(offload))),
+                }
             }
         }
     }
 
-    /// Stop accepting; established connections continue.
+/// Stop accepting; established connections continue.
     pub fn stop_listening(&self) {
         let mut applied = self.applied.lock().unwrap();
         for (_, running) in applied.listeners.drain() {
@@ -419,9 +401,6 @@ impl Runtime {
                 t.abort();
             }
         }
-        for h in applied.health.drain(..) {
-            h.abort();
-        }
     }
 }
 
@@ -429,18 +408,6 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         for t in self.background.lock().unwrap().drain(..) {
             t.abort();
-        }
-    }
-}
-
-/// Rebuild the pools whenever the registry's membership or states change
-/// (not on every heartbeat: the version moves only on a change).
-async fn follow_registry(rt: std::sync::Weak<Runtime>, mut changes: watch::Receiver<u64>) {
-    while changes.changed().await.is_ok() {
-        let Some(rt) = rt.upgrade() else { return };
-        let plan = (*rt.plan()).clone();
-        if let Err(e) = rt.apply(plan) {
-            tracing::error!("applying discovered backends failed: {e:#}");
         }
     }
 }
@@ -454,7 +421,7 @@ async fn watch_backends(rt: std::sync::Weak<Runtime>) {
         tick.tick().await;
         let Some(rt) = rt.upgrade() else { return };
         for pool in rt.pools() {
-            for m in &pool.members {
+            for m in &pool.members().members {
                 m.backend.refresh();
             }
         }

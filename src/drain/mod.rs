@@ -18,7 +18,9 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use crate::runtime::{ConnectionTracker, TrackedConnection};
+mod tracker;
+
+pub use tracker::{ConnectionTracker, TrackedConnection};
 
 /// Waiter lists; more than the connection workers one machine runs.
 const SHARDS: usize = 16;

@@ -9,8 +9,8 @@ use prometheus::IntCounterVec;
 use tokio::net::TcpStream;
 
 use crate::balance::Pool;
-use crate::http::HostMatch;
-use crate::listener::ListenerShared;
+use super::ListenerShared;
+use crate::host_match::HostMatch;
 use crate::tls::client_hello::peek_client_hello;
 
 pub struct Passthrough {
@@ -61,7 +61,7 @@ pub async fn serve(
         Err(e) => return reject(e.reason(), &e),
     };
     match pt.choose(hello.sni.as_deref()) {
-        Ok(pool) => crate::proxy::forward(client, peer, destination, ctx, pool).await,
+        Ok(pool) => super::tcp::forward(client, peer, destination, ctx, pool).await,
         Err(reason) => reject(
             reason,
             &format_args!("no pool for server name {:?}", hello.sni),

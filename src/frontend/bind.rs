@@ -1,0 +1,118 @@
+//! Listening sockets: one per connection worker in an SO_REUSEPORT group,
+//! with the per-connection options set where accepted sockets inherit
+//! them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use socket2::{Domain, Protocol, SockRef, Socket, TcpKeepalive, Type};
+
+use crate::config::SocketOptions;
+
+/// Bind a listener's sockets, one per connection worker. With more than
+/// one they form an SO_REUSEPORT group: the kernel spreads new connections
+/// over the workers, and no worker is woken for a connection another one
+/// takes. A port that is taken by a socket without SO_REUSEPORT (another
+/// program) still fails the first bind.
+pub fn bind_group(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let reuse_port = opts.reuse_port || workers > 1;
+    let first = bind(addr, opts, reuse_port)?;
+    // Port 0 binds an ephemeral port: the rest of the group joins that one.
+    let bound = first.local_addr()?;
+    let mut group = vec![first];
+    for _ in 1..workers {
+        group.push(bind(bound, opts, true)?);
+    }
+    Ok(group)
+}
+
+/// Bind one listening socket with the configured options.
+fn bind(
+    addr: SocketAddr,
+    opts: &SocketOptions,
+    reuse_port: bool,
+) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    #[cfg(unix)]
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    #[cfg(not(unix))]
+    let _ = reuse_port;
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only; bind `0.0.0.0` separately for IPv4.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    // Linux hands these to every accepted socket, which saves three or
+    // four setsockopt calls per connection; elsewhere `tune` sets them.
+    #[cfg(target_os = "linux")]
+    tune(SockRef::from(&socket), opts)?;
+    socket.bind(&addr.into())?;
+    socket.listen(opts.backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Per-connection socket options: on the listening socket where accepted
+/// sockets inherit them (Linux), on each accepted socket elsewhere.
+pub(super) fn tune(sock: SockRef<'_>, opts: &SocketOptions) -> io::Result<()> {
+    sock.set_nodelay(opts.nodelay)?;
+    if opts.keepalive {
+        let ka = TcpKeepalive::new()
+            .with_time(Duration::from_secs(60))
+            .with_interval(Duration::from_secs(10));
+        sock.set_tcp_keepalive(&ka)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// The accept path relies on accepted sockets inheriting TCP_NODELAY
+    /// and the keep-alive settings from the listening socket.
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_listener_options() {
+        for (nodelay, keepalive) in [(true, true), (false, false)] {
+            let opts = SocketOptions {
+                reuse_port: false,
+                backlog: 16,
+                nodelay,
+                keepalive,
+            };
+            let group = bind_group("127.0.0.1:0".parse().unwrap(), &opts, 2).unwrap();
+            assert_eq!(group.len(), 2);
+            let addr = group[0].local_addr().unwrap();
+            assert_eq!(
+                group[1].local_addr().unwrap(),
+                addr,
+                "one port for the group"
+            );
+            let listeners: Vec<TcpListener> = group
+                .into_iter()
+                .map(|l| TcpListener::from_std(l).unwrap())
+                .collect();
+            let _client = TcpStream::connect(addr).await.unwrap();
+            // The kernel puts the connection in one of the group's queues.
+            let (accepted, _) = tokio::select! {
+                r = listeners[0].accept() => r.unwrap(),
+                r = listeners[1].accept() => r.unwrap(),
+            };
+            let sock = SockRef::from(&accepted);
+            assert_eq!(sock.nodelay().unwrap(), nodelay);
+            assert_eq!(sock.keepalive().unwrap(), keepalive);
+            if keepalive {
+                assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(60));
+                assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(10));
+            }
+        }
+    }
+}
