@@ -137,11 +137,7 @@ fn a_draining_node_gets_no_new_connections_while_established_ones_flow() {
     let seen = wait_for(Duration::from_secs(2), Duration::from_millis(2), || {
         let st = f.status();
         state_of(&status_node(&st, "node-a")).as_deref() == Some("draining")
-            && pool_members(&st, POOL)
-                .iter()
-                .filter_map(|m| m["address"].as_str().map(str::to_string))
-                .collect::<Vec<_>>()
-                == only_b
+            && eligible_addrs(&pool_members(&st, POOL)) == only_b
     })
     .unwrap_or_else(|| {
         panic!(

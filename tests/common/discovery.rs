@@ -145,10 +145,7 @@ discovery = {{ service = "{SERVICE}" }}
 
     /// The addresses pool `ums` would pick from right now.
     pub fn member_addrs(&self) -> Vec<String> {
-        self.members()
-            .iter()
-            .filter_map(|m| m["address"].as_str().map(str::to_string))
-            .collect()
+        eligible_addrs(&self.members())
     }
 
     /// One series of `/metrics`.
@@ -296,4 +293,14 @@ pub fn ms(d: Duration) -> f64 {
 pub fn state_of(node: &Option<Value>) -> Option<String> {
     node.as_ref()
         .and_then(|n| n["state"].as_str().map(str::to_string))
+}
+
+/// The addresses of the members that take new connections (a draining
+/// node stays listed, resting, with its state).
+pub fn eligible_addrs(members: &[Value]) -> Vec<String> {
+    members
+        .iter()
+        .filter(|m| m["role"] != "resting")
+        .filter_map(|m| m["address"].as_str().map(str::to_string))
+        .collect()
 }
