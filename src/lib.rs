@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod discovery;
 pub mod drain;

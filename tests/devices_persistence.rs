@@ -29,10 +29,7 @@ const TOKEN: &str = "persistence-admin-token-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    fleetgate::clock::unix_ms() as i64
 }
 
 fn config(front: std::net::SocketAddr) -> String {

@@ -202,11 +202,5 @@ async fn expire_loop(registry: Arc<Registry>, interval: Duration, max_silence: D
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
-/// 1970, which the sent-at window then rejects).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Wall-clock milliseconds for heartbeat send times (see clock.rs).
+pub use crate::clock::unix_ms;
