@@ -21,6 +21,7 @@ pub mod passthrough;
 pub mod proxy;
 pub mod proxy_protocol;
 pub mod runtime;
+mod scratch;
 pub mod shortage;
 pub mod simulate;
 pub mod source_limits;
