@@ -23,7 +23,6 @@ pub mod proxy_protocol;
 pub mod runtime;
 mod scratch;
 pub mod shortage;
-pub mod simulate;
 pub mod source_limits;
 pub mod status;
 pub mod tls;

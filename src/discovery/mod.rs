@@ -7,12 +7,12 @@
 //! - `registry`: the nodes heard, with replay protection, read by pools
 //!   through a lock-free snapshot and a change counter;
 //! - `receiver`: the UDP loop that feeds the registry;
-//! - `announcer`: the sending side; `agent`: the sidecar built on it.
+//! - `announcer`: the sending side (the `fleetgate agent` sidecar, in the
+//!   binary's src/cli/agent.rs, is built on it).
 //!
 //! `Discovery` bundles a registry, its receiver and its expiry loop for the
 //! balancer. The spec is docs/heartbeat.md.
 
-pub mod agent;
 pub mod announcer;
 pub mod receiver;
 pub mod registry;
