@@ -7,6 +7,7 @@
 pub mod acl;
 pub mod admin;
 pub mod balance;
+pub mod clock;
 pub mod config;
 pub mod discovery;
 pub mod drain;
@@ -19,8 +20,8 @@ pub mod metrics;
 pub mod module;
 pub mod proxy_protocol;
 pub mod runtime;
+mod scratch;
 pub mod shortage;
-pub mod simulate;
 pub mod source_limits;
 pub mod status;
 pub mod tls;

@@ -7,7 +7,7 @@ use tracing_log::log;
 use tracing_log::{AsLog, LogTracer};
 use tracing_subscriber::EnvFilter;
 
-use crate::balance::backend::now_ms;
+use crate::clock::now_ms;
 
 /// `RUST_LOG` wins over the configured level, as operators expect.
 pub fn init(level: &str) {

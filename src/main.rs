@@ -1,4 +1,8 @@
-//! The command line: `fleetgate run | check`.
+//! The command line: `fleetgate run | check | agent | simulate | token`.
+//! The balancer is the library; `agent` and `simulate` are tools built on
+//! it, in `cli/`.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -43,7 +47,7 @@ enum Command {
     },
     /// Simulate a fleet of devices against the devices module (sizing
     /// and measurement; loopback targets only, see docs/simulator.md).
-    Simulate(Box<fleetgate::simulate::Options>),
+    Simulate(Box<cli::simulate::Options>),
     /// Network tokens for discovery.
     Token {
         #[command(subcommand)]
@@ -92,7 +96,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .map_err(anyhow::Error::from)
-                .and_then(|rt| rt.block_on(fleetgate::discovery::agent::run_agent(&config)));
+                .and_then(|rt| rt.block_on(cli::agent::run_agent(&config)));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -101,7 +105,7 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Simulate(opts) => fleetgate::simulate::main(*opts),
+        Command::Simulate(opts) => cli::simulate::main(*opts),
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -16,19 +16,16 @@
 //! `reserve` means fewer than that are left. It costs one comparison.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use crate::clock::now_ms;
 
 /// How long accepting stops after a shortage is seen.
 pub const PAUSE: Duration = Duration::from_millis(100);
 
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-/// Milliseconds since `EPOCH` until which accepting is paused.
+/// The monotonic clock reading (clock.rs) until which accepting is paused;
+/// 0: not paused.
 static UNTIL_MS: AtomicU64 = AtomicU64::new(0);
-
-fn now_ms() -> u64 {
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
 
 /// Note a shortage: accept loops pause for `PAUSE` from now.
 pub fn note() {

@@ -6,6 +6,12 @@
 //! not acknowledged must be delivered again (polling and WebSocket).
 
 mod common;
+// The simulator's client code is part of the `fleetgate` binary (it is a
+// tool, not the library); this test compiles it in to drive devices
+// directly. Not every part of it is used here.
+#[allow(dead_code)]
+#[path = "../src/cli/simulate/mod.rs"]
+mod simulate;
 
 use std::collections::{BTreeSet, HashMap};
 use std::process::{Command, Stdio};
@@ -13,9 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, http_get, Balancer};
-use fleetgate::simulate::{self, Admin, SimDevice, Target, Trust};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
+use simulate::{Admin, SimDevice, Target, Trust};
 use tokio_tungstenite::tungstenite::Message;
 
 const DEVICES: usize = 1000;
@@ -29,10 +35,7 @@ const TOKEN: &str = "persistence-admin-token-0123456789";
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    fleetgate::clock::unix_ms() as i64
 }
 
 fn config(front: std::net::SocketAddr) -> String {

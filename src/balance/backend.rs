@@ -3,20 +3,16 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::{Histogram, IntCounter, IntGauge};
 
 use super::keepalive::KeepAlive;
 use crate::metrics::Metrics;
 
-/// Milliseconds since the process started: a cheap monotonic clock that
-/// fits in an atomic.
-pub fn now_ms() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
-}
+/// The monotonic millisecond clock (see clock.rs), named here for the
+/// pool and backend code that reads it.
+pub use crate::clock::now_ms;
 
 /// Label handles resolved once, so the connection path does no lookups.
 pub struct BackendMetrics {

@@ -7,12 +7,12 @@
 //! - `registry`: the nodes heard, with replay protection, read by pools
 //!   through a lock-free snapshot and a change counter;
 //! - `receiver`: the UDP loop that feeds the registry;
-//! - `announcer`: the sending side; `agent`: the sidecar built on it.
+//! - `announcer`: the sending side (the `fleetgate agent` sidecar, in the
+//!   binary's src/cli/agent.rs, is built on it).
 //!
 //! `Discovery` bundles a registry, its receiver and its expiry loop for the
 //! balancer. The spec is docs/heartbeat.md.
 
-pub mod agent;
 pub mod announcer;
 pub mod members;
 pub mod receiver;
@@ -204,11 +204,5 @@ async fn expire_loop(registry: Arc<Registry>, interval: Duration, max_silence: D
     }
 }
 
-/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before
-/// 1970, which the sent-at window then rejects).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+/// Wall-clock milliseconds for heartbeat send times (see clock.rs).
+pub use crate::clock::unix_ms;

@@ -6,7 +6,7 @@
 //! most of a fleet); only bytes the writer could not take right away are
 //! copied out, and kept until written.
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::io::{self, Read};
 
 use socket2::SockRef;
@@ -14,12 +14,7 @@ use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 use super::{shutdown_write, Progress};
-
-const SCRATCH: usize = 16 * 1024;
-
-thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
+use crate::scratch;
 
 pub(super) async fn one_way(
     from: &TcpStream,
@@ -74,8 +69,7 @@ pub(super) async fn move_ready(
 /// One read into the scratch buffer and one write of what was read, with
 /// no await in between (the buffer is shared by the thread's tasks).
 pub(super) fn step(from: &TcpStream, to: &TcpStream, progress: &Progress<'_>) -> io::Result<Step> {
-    SCRATCH_BUF.with(|scratch| {
-        let mut buf = scratch.borrow_mut();
+    scratch::PUMP.with(|buf| {
         let short = Cell::new(None);
         // A read shorter than the buffer emptied the socket's queue: say
         // "would block" to tokio so it clears the readiness now, instead
@@ -83,7 +77,7 @@ pub(super) fn step(from: &TcpStream, to: &TcpStream, progress: &Progress<'_>) ->
         // after the read raise a new readiness event; a FIN that came
         // with them stays flagged (tokio never clears "read closed").
         let read = from.try_io(Interest::READABLE, || {
-            let n = (&*SockRef::from(from)).read(&mut buf)?;
+            let n = (&*SockRef::from(from)).read(buf)?;
             if n > 0 && n < buf.len() {
                 short.set(Some(n));
                 return Err(io::ErrorKind::WouldBlock.into());

@@ -4,7 +4,6 @@
 //! at all; only bytes the writer could not take at once are kept, and only
 //! until they are written. Idle WebSockets are most of a device fleet.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
@@ -15,12 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::{drive, ByteCounters, Progress, PumpReport};
-
-const SCRATCH: usize = 16 * 1024;
-
-thread_local! {
-    static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
+use crate::scratch;
 
 /// Relay between `a` (the client side) and `b` (the backend side) until
 /// both directions end, one fails, or nothing moves for `idle_timeout`.
@@ -98,9 +92,8 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    SCRATCH_BUF.with(|scratch| {
-        let mut scratch = scratch.borrow_mut();
-        let mut buf = ReadBuf::new(&mut scratch[..]);
+    scratch::PUMP.with(|scratch| {
+        let mut buf = ReadBuf::new(scratch);
         ready!(Pin::new(&mut *from).poll_read(cx, &mut buf))?;
         let data = buf.filled();
         if data.is_empty() {

@@ -13,9 +13,12 @@
 //! - [`forward`]: the forms a client certificate is passed to backends in
 //!   (nginx-compatible escaped PEM, subject DN, fingerprints).
 //! - [`upstream`]: a `rustls::ClientConfig` for re-encrypting to backends.
+//! - [`accept_any`]: the verifier of clients that accept any server
+//!   certificate (TLS health probes, the simulator, the benchmarks).
 //!
 //! Everything uses rustls' *ring* provider, as the rest of the crate does.
 
+pub mod accept_any;
 pub mod certs;
 pub mod client_hello;
 mod error;

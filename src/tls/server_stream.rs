@@ -12,7 +12,6 @@
 //! record, plaintext its reader had no room for, ciphertext the socket
 //! would not take) and frees it once that is gone.
 
-use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
@@ -28,11 +27,12 @@ use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::scratch::{self, TLS_GATHER, TLS_READ, TLS_WRITE};
 use crate::tls::client_hello::{self, HelloError, Parsed, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN};
 
 /// Socket reads and plaintext writes go through buffers of this size: one
 /// full TLS record, so bulk transfers still move whole records.
-const CHUNK: usize = 16 * 1024;
+const CHUNK: usize = scratch::CHUNK;
 /// Worst-case growth of one record when encrypted (header, TLS 1.2
 /// explicit nonce, tag, TLS 1.3 content type), rounded up.
 const RECORD_OVERHEAD: usize = 64;
@@ -46,16 +46,6 @@ const HANDSHAKE_BUFFER_MAX: usize = 0x1_0000 + 5 * (RECORD_HEADER_LEN + 256) + C
 /// A fatal `decode_error` alert in a plaintext record: the answer to a
 /// ClientHello that is refused before rustls sees it.
 const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
-
-thread_local! {
-    /// Received TLS bytes on their way through rustls.
-    static READ_SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; CHUNK]);
-    /// Encrypted records on their way to the socket.
-    static WRITE_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-    /// Plaintext gathered from a vectored write, so that it becomes one
-    /// record rather than one per slice.
-    static GATHER_SCRATCH: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-}
 
 /// A server-side TLS stream over a TCP socket; see the module docs.
 pub struct ServerStream {
@@ -201,7 +191,7 @@ impl ServerStream {
     async fn read_handshake(&mut self, room: usize) -> io::Result<usize> {
         let room = room.clamp(1, CHUNK);
         poll_fn(|cx| {
-            READ_SCRATCH.with_borrow_mut(|scratch| {
+            TLS_READ.with(|scratch| {
                 let n = ready!(poll_read_socket(&self.tcp, cx, &mut scratch[..room]))?;
                 self.incoming.extend_from_slice(&scratch[..n]);
                 Poll::Ready(Ok(n))
@@ -382,7 +372,7 @@ impl ServerStream {
             // The common case: whole records arrive. Decrypt them from the
             // thread's scratch buffer; only a trailing partial record is
             // copied into the connection.
-            READ_SCRATCH.with_borrow_mut(|scratch| {
+            TLS_READ.with(|scratch| {
                 let n = ready!(poll_read_socket(&self.tcp, cx, scratch))?;
                 let used = self.run_read(&mut scratch[..n], dest)?;
                 if used < n {
@@ -423,7 +413,7 @@ impl ServerStream {
     /// Encrypt `data` and send what the socket takes now; the rest waits in
     /// `outgoing` (whose earlier content must have been written already).
     fn send(&mut self, data: &[u8]) -> io::Result<()> {
-        WRITE_SCRATCH.with_borrow_mut(|out| {
+        TLS_WRITE.with(|out| {
             out.clear();
             let mut input = std::mem::take(&mut self.incoming);
             let ran = self.run_into(&mut input, Want::Write(data), Some(out));
@@ -636,7 +626,7 @@ impl AsyncWrite for ServerStream {
             if this.close_sent {
                 return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
             }
-            return GATHER_SCRATCH.with_borrow_mut(|gather| {
+            return TLS_GATHER.with(|gather| {
                 gather.clear();
                 for b in bufs {
                     let room = CHUNK - gather.len();

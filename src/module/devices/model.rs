@@ -200,11 +200,10 @@ pub fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
+/// Wall-clock Unix milliseconds as the store keeps them (SQL integers
+/// are signed).
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::clock::unix_ms() as i64
 }
 
 /// Random lowercase hex of `bytes` random bytes, from the OS generator

@@ -8,6 +8,7 @@
 //! with `synchronous = FULL`, PostgreSQL commits synchronously).
 
 pub mod postgres;
+mod sql;
 pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod suite;

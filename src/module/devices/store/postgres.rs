@@ -9,6 +9,7 @@
 //! was away are lost, the database state is not).
 
 use std::collections::BTreeMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -17,66 +18,16 @@ use tokio::sync::{broadcast, Mutex, MutexGuard};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Transaction};
 
-use super::{check_snapshot, like_pattern, parse_json, Store, StoreError, StoreEvent, StoreResult};
+use super::sql::{self, Arg, Columns, Dialect, Statements};
+use super::{check_snapshot, parse_json, Store, StoreError, StoreEvent, StoreResult};
 use crate::module::devices::model::*;
 use crate::module::BoxFuture;
 
 const POOL: usize = 4;
 const CHANNEL: &str = "fleetgate_devices";
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS dev_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_tokens (
-    id TEXT PRIMARY KEY,
-    secret_sha256 TEXT NOT NULL UNIQUE,
-    label TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    expires_at BIGINT NOT NULL,
-    uses_left BIGINT NOT NULL,
-    used BIGINT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dev_devices (
-    id TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    serial TEXT NOT NULL,
-    cert_pem TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    login_user TEXT,
-    enrolled_at BIGINT NOT NULL,
-    token_id TEXT,
-    last_contact BIGINT,
-    revoked_at BIGINT,
-    channel_node TEXT
-);
-CREATE TABLE IF NOT EXISTS dev_groups (name TEXT PRIMARY KEY, priority BIGINT NOT NULL, settings TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_members (
-    device_id TEXT NOT NULL REFERENCES dev_devices(id) ON DELETE CASCADE,
-    group_name TEXT NOT NULL REFERENCES dev_groups(name) ON DELETE CASCADE,
-    PRIMARY KEY (device_id, group_name)
-);
-CREATE INDEX IF NOT EXISTS dev_members_group ON dev_members(group_name);
-CREATE TABLE IF NOT EXISTS dev_users (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_commands (
-    seq BIGSERIAL PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    device_id TEXT NOT NULL REFERENCES dev_devices(id) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    created_at BIGINT NOT NULL,
-    acked_at BIGINT,
-    status TEXT,
-    result TEXT
-);
-CREATE INDEX IF NOT EXISTS dev_commands_pending ON dev_commands(device_id, seq) WHERE acked_at IS NULL;
-CREATE INDEX IF NOT EXISTS dev_commands_device ON dev_commands(device_id, seq);
-";
-
-const DEVICE_COLUMNS: &str =
-    "id, fingerprint, name, serial, cert_pem, settings, login_user, enrolled_at, \
-     token_id, last_contact, revoked_at, channel_node";
-const COMMAND_COLUMNS: &str =
-    "seq, id, device_id, kind, payload, created_at, acked_at, status, result";
+/// The shared statements (sql.rs) in PostgreSQL's dialect.
+static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Dialect::Postgres));
 
 type Param<'a> = &'a (dyn ToSql + Sync);
 
@@ -151,7 +102,7 @@ impl PgStore {
             let tx = first.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock(7301215560497350001)", &[])
                 .await?;
-            tx.batch_execute(SCHEMA).await?;
+            tx.batch_execute(&SQL.schema).await?;
             tx.commit().await?;
         }
         let mut pool = vec![Mutex::new(Some(first))];
@@ -237,30 +188,51 @@ async fn listen(config: Config, events: broadcast::Sender<StoreEvent>) {
     }
 }
 
-fn device_row(r: &Row) -> StoreResult<Device> {
-    Ok(Device {
-        id: r.try_get(0)?,
-        fingerprint: r.try_get(1)?,
-        name: r.try_get(2)?,
-        serial: r.try_get(3)?,
-        cert_pem: r.try_get(4)?,
-        groups: Vec::new(),
-        settings: parse_json(r.try_get(5)?)?,
-        session_user: r.try_get(6)?,
-        enrolled_at: r.try_get(7)?,
-        token_id: r.try_get(8)?,
-        last_contact: r.try_get(9)?,
-        revoked_at: r.try_get(10)?,
-        channel_node: r.try_get(11)?,
-    })
+impl Columns for Row {
+    fn text(&self, i: usize) -> StoreResult<String> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> StoreResult<Option<String>> {
+        Ok(self.try_get(i)?)
+    }
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        Ok(self.try_get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> StoreResult<Option<i64>> {
+        Ok(self.try_get(i)?)
+    }
 }
 
-/// Rows to devices, with each one's groups (one query for all of them).
-async fn finish_devices(tx: &Transaction<'_>, rows: Vec<Row>) -> StoreResult<Vec<Device>> {
-    let mut devices = rows
-        .iter()
-        .map(device_row)
-        .collect::<StoreResult<Vec<_>>>()?;
+/// The driver's view of argument values built in sql.rs.
+fn params<'a>(args: &'a [Arg<'a>]) -> Vec<Param<'a>> {
+    args.iter()
+        .map(|a| -> Param<'a> {
+            match a {
+                Arg::Text(s) => s,
+                Arg::OptText(s) => s,
+                Arg::Int(n) => n,
+                Arg::OptInt(n) => n,
+                Arg::Owned(s) => s,
+                Arg::OptOwned(s) => s,
+            }
+        })
+        .collect()
+}
+
+/// Every row of a statement, read with `read`.
+async fn rows<T>(
+    tx: &Transaction<'_>,
+    sql: &str,
+    p: &[Param<'_>],
+    read: fn(&dyn Columns) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
+    let rows = tx.query(sql, p).await?;
+    rows.iter().map(|r| read(r)).collect()
+}
+
+/// Devices with their groups (one query for the groups of all of them).
+async fn devices(tx: &Transaction<'_>, sql: &str, p: &[Param<'_>]) -> StoreResult<Vec<Device>> {
+    let mut devices = rows(tx, sql, p, sql::device).await?;
     if devices.is_empty() {
         return Ok(devices);
     }
@@ -285,37 +257,7 @@ async fn finish_devices(tx: &Transaction<'_>, rows: Vec<Row>) -> StoreResult<Vec
 }
 
 async fn load_device(tx: &Transaction<'_>, id: &str) -> StoreResult<Option<Device>> {
-    let rows = tx
-        .query(
-            &format!("SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE id = $1"),
-            &[&id],
-        )
-        .await?;
-    Ok(finish_devices(tx, rows).await?.pop())
-}
-
-fn command_row(r: &Row) -> StoreResult<Command> {
-    let kind: &str = r.try_get(3)?;
-    let result: Option<&str> = r.try_get(8)?;
-    Ok(Command {
-        seq: r.try_get(0)?,
-        id: r.try_get(1)?,
-        device_id: r.try_get(2)?,
-        kind: CommandKind::parse(kind).unwrap_or(CommandKind::Custom),
-        payload: parse_json(r.try_get(4)?)?,
-        created_at: r.try_get(5)?,
-        acked_at: r.try_get(6)?,
-        status: r.try_get(7)?,
-        result: result.map(parse_json).transpose()?,
-    })
-}
-
-async fn query_commands(
-    tx: &Transaction<'_>,
-    sql: &str,
-    p: &[Param<'_>],
-) -> StoreResult<Vec<Command>> {
-    tx.query(sql, p).await?.iter().map(command_row).collect()
+    Ok(devices(tx, &SQL.device, &[&id]).await?.pop())
 }
 
 async fn set_members(tx: &Transaction<'_>, device_id: &str, groups: &[String]) -> StoreResult<()> {
@@ -332,11 +274,7 @@ async fn set_members(tx: &Transaction<'_>, device_id: &str, groups: &[String]) -
     if let Some(g) = groups.iter().find(|g| !known.contains(g)) {
         return Err(StoreError::Conflict(format!("no group named {g:?}")));
     }
-    tx.execute(
-        "DELETE FROM dev_members WHERE device_id = $1",
-        &[&device_id],
-    )
-    .await?;
+    tx.execute(&SQL.clear_members, &[&device_id]).await?;
     tx.execute(
         "INSERT INTO dev_members (device_id, group_name) SELECT $1, g FROM unnest($2::text[]) AS g ON CONFLICT DO NOTHING",
         &[&device_id, &groups],
@@ -346,108 +284,40 @@ async fn set_members(tx: &Transaction<'_>, device_id: &str, groups: &[String]) -
 }
 
 async fn insert_device(tx: &Transaction<'_>, d: &Device) -> StoreResult<()> {
-    let sql = format!("INSERT INTO dev_devices ({DEVICE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)");
-    let settings = d.settings.to_string();
-    tx.execute(
-        &sql,
-        &[
-            &d.id,
-            &d.fingerprint,
-            &d.name,
-            &d.serial,
-            &d.cert_pem,
-            &settings,
-            &d.session_user,
-            &d.enrolled_at,
-            &d.token_id,
-            &d.last_contact,
-            &d.revoked_at,
-            &d.channel_node,
-        ],
-    )
-    .await
-    .map_err(|e| match is_unique_violation(&e) {
-        true => StoreError::Conflict(format!(
-            "device {} or its certificate is already enrolled",
-            d.id
-        )),
-        false => backend(e),
-    })?;
+    let args = sql::device_args(d);
+    tx.execute(&SQL.insert_device, &params(&args))
+        .await
+        .map_err(|e| match is_unique_violation(&e) {
+            true => StoreError::Conflict(format!(
+                "device {} or its certificate is already enrolled",
+                d.id
+            )),
+            false => backend(e),
+        })?;
     set_members(tx, &d.id, &d.groups).await
 }
 
 async fn insert_token(tx: &Transaction<'_>, t: &EnrolToken) -> StoreResult<()> {
-    tx.execute(
-        "INSERT INTO dev_tokens (id, secret_sha256, label, created_at, expires_at, uses_left, used) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7)",
-        &[&t.id, &t.secret_sha256, &t.label, &t.created_at, &t.expires_at, &t.uses_left, &t.used],
-    )
-    .await?;
+    let args = sql::token_args(t);
+    tx.execute(&SQL.insert_token, &params(&args)).await?;
     Ok(())
 }
 
 async fn read_defaults(tx: &Transaction<'_>) -> StoreResult<Value> {
-    let row = tx
-        .query_opt("SELECT value FROM dev_meta WHERE key = 'defaults'", &[])
-        .await?;
-    match row {
-        Some(r) => parse_json(r.try_get(0)?),
-        None => Ok(empty_object()),
-    }
+    let row = tx.query_opt(&SQL.defaults, &[]).await?;
+    sql::defaults(row.map(|r| r.try_get(0)).transpose()?)
 }
 
 async fn read_groups(tx: &Transaction<'_>) -> StoreResult<Vec<Group>> {
-    let rows = tx
-        .query(
-            "SELECT name, priority, settings FROM dev_groups ORDER BY priority, name",
-            &[],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Group {
-                name: r.try_get(0)?,
-                priority: r.try_get(1)?,
-                settings: parse_json(r.try_get(2)?)?,
-            })
-        })
-        .collect()
+    rows(tx, &SQL.groups, &[], sql::group).await
 }
 
 async fn read_users(tx: &Transaction<'_>) -> StoreResult<Vec<UserProfile>> {
-    let rows = tx
-        .query("SELECT name, settings FROM dev_users ORDER BY name", &[])
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(UserProfile {
-                name: r.try_get(0)?,
-                settings: parse_json(r.try_get(1)?)?,
-            })
-        })
-        .collect()
+    rows(tx, &SQL.users, &[], sql::user).await
 }
 
 async fn read_tokens(tx: &Transaction<'_>) -> StoreResult<Vec<EnrolToken>> {
-    let rows = tx
-        .query(
-            "SELECT id, secret_sha256, label, created_at, expires_at, uses_left, used FROM dev_tokens ORDER BY created_at, id",
-            &[],
-        )
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(EnrolToken {
-                id: r.try_get(0)?,
-                secret_sha256: r.try_get(1)?,
-                label: r.try_get(2)?,
-                created_at: r.try_get(3)?,
-                expires_at: r.try_get(4)?,
-                uses_left: r.try_get(5)?,
-                used: r.try_get(6)?,
-            })
-        })
-        .collect()
+    rows(tx, &SQL.tokens, &[], sql::token).await
 }
 
 /// Tell the other balancers, as part of the transaction: PostgreSQL
@@ -495,13 +365,12 @@ impl Store for PgStore {
     }
 
     fn delete_token(&self, id: String) -> BoxFuture<'_, StoreResult<()>> {
-        in_tx!(self, |tx| if tx
-            .execute("DELETE FROM dev_tokens WHERE id = $1", &[&id])
-            .await?
-            == 0
-        {
-            return not_found(format!("no token {id:?}"));
-        })
+        in_tx!(
+            self,
+            |tx| if tx.execute(&SQL.delete_token, &[&id]).await? == 0 {
+                return not_found(format!("no token {id:?}"));
+            }
+        )
     }
 
     fn enrol(
@@ -512,11 +381,7 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, StoreResult<Device>> {
         in_tx!(self, |tx| {
             let row = tx
-                .query_opt(
-                    "UPDATE dev_tokens SET uses_left = uses_left - 1, used = used + 1 \
-                     WHERE secret_sha256 = $1 AND expires_at > $2 AND uses_left > 0 RETURNING id",
-                    &[&secret_sha256, &now],
-                )
+                .query_opt(&SQL.spend_token, &[&secret_sha256, &now])
                 .await?;
             let Some(row) = row else {
                 return Err(StoreError::TokenRejected);
@@ -538,93 +403,38 @@ impl Store for PgStore {
         &self,
         fingerprint: String,
     ) -> BoxFuture<'_, StoreResult<Option<Device>>> {
-        in_tx!(self, |tx| {
-            let sql = format!("SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE fingerprint = $1");
-            let rows = tx.query(&sql, &[&fingerprint]).await?;
-            finish_devices(&tx, rows).await?.pop()
-        })
+        in_tx!(self, |tx| devices(
+            &tx,
+            &SQL.device_by_fingerprint,
+            &[&fingerprint]
+        )
+        .await?
+        .pop())
     }
 
     fn list_devices(&self, q: DeviceQuery) -> BoxFuture<'_, StoreResult<(Vec<Device>, i64)>> {
         in_tx!(self, |tx| {
-            let mut cond = vec!["TRUE".to_string()];
-            let mut args: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-            if let Some(s) = &q.search {
-                args.push(Box::new(like_pattern(s)));
-                let n = args.len();
-                cond.push(format!(
-                    "(lower(name) LIKE ${n} ESCAPE '\\' OR id LIKE ${n} ESCAPE '\\' OR fingerprint LIKE ${n} ESCAPE '\\')"
-                ));
-            }
-            if let Some(g) = &q.group {
-                args.push(Box::new(g.clone()));
-                cond.push(format!(
-                    "id IN (SELECT device_id FROM dev_members WHERE group_name = ${})",
-                    args.len()
-                ));
-            }
-            match q.revoked {
-                Some(true) => cond.push("revoked_at IS NOT NULL".into()),
-                Some(false) => cond.push("revoked_at IS NULL".into()),
-                None => {}
-            }
-            if let Some(t) = q.contact_since {
-                args.push(Box::new(t));
-                cond.push(format!("last_contact >= ${}", args.len()));
-            }
-            if let Some(t) = q.silent_since {
-                args.push(Box::new(t));
-                cond.push(format!(
-                    "(last_contact IS NULL OR last_contact < ${})",
-                    args.len()
-                ));
-            }
-            let filter = cond.join(" AND ");
-            let params: Vec<Param> = args.iter().map(|a| a.as_ref() as Param).collect();
-            let total: i64 = tx
-                .query_one(
-                    &format!("SELECT count(*) FROM dev_devices WHERE {filter}"),
-                    &params,
-                )
-                .await?
-                .try_get(0)?;
-            let n = params.len();
-            let sql = format!(
-                "SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE {filter} ORDER BY id LIMIT ${} OFFSET ${}",
-                n + 1,
-                n + 2
-            );
-            let mut params = params;
-            params.push(&q.limit);
-            params.push(&q.offset);
-            let rows = tx.query(&sql, &params).await?;
-            (finish_devices(&tx, rows).await?, total)
+            let list = sql::list_devices(Dialect::Postgres, &q);
+            let mut args = params(&list.args);
+            let total: i64 = tx.query_one(&list.count, &args).await?.try_get(0)?;
+            args.push(&q.limit);
+            args.push(&q.offset);
+            (devices(&tx, &list.page, &args).await?, total)
         })
     }
 
     fn patch_device(&self, id: String, patch: DevicePatch) -> BoxFuture<'_, StoreResult<Device>> {
         in_tx!(self, |tx| {
             // Lock the row: concurrent patches apply one after the other.
-            if tx
-                .query_opt("SELECT 1 FROM dev_devices WHERE id = $1 FOR UPDATE", &[&id])
-                .await?
-                .is_none()
-            {
+            if tx.query_opt(&SQL.lock_device, &[&id]).await?.is_none() {
                 return not_found(format!("no device {id:?}"));
             }
             if let Some(name) = &patch.name {
-                tx.execute(
-                    "UPDATE dev_devices SET name = $2 WHERE id = $1",
-                    &[&id, name],
-                )
-                .await?;
+                tx.execute(&SQL.set_name, &[&id, name]).await?;
             }
             if let Some(s) = &patch.settings {
-                tx.execute(
-                    "UPDATE dev_devices SET settings = $2 WHERE id = $1",
-                    &[&id, &s.to_string()],
-                )
-                .await?;
+                tx.execute(&SQL.set_settings, &[&id, &s.to_string()])
+                    .await?;
             }
             if let Some(groups) = &patch.groups {
                 set_members(&tx, &id, groups).await?;
@@ -639,11 +449,7 @@ impl Store for PgStore {
 
     fn revoke_device(&self, id: String, now: i64) -> BoxFuture<'_, StoreResult<Device>> {
         in_tx!(self, |tx| {
-            tx.execute(
-                "UPDATE dev_devices SET revoked_at = coalesce(revoked_at, $2) WHERE id = $1",
-                &[&id, &now],
-            )
-            .await?;
+            tx.execute(&SQL.revoke, &[&id, &now]).await?;
             match load_device(&tx, &id).await? {
                 Some(d) => d,
                 None => return not_found(format!("no device {id:?}")),
@@ -652,17 +458,9 @@ impl Store for PgStore {
     }
 
     fn revoked_fingerprints(&self) -> BoxFuture<'_, StoreResult<Vec<String>>> {
-        in_tx!(self, |tx| {
-            let rows = tx
-                .query(
-                    "SELECT fingerprint FROM dev_devices WHERE revoked_at IS NOT NULL",
-                    &[],
-                )
-                .await?;
-            rows.iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<Vec<String>, _>>()?
-        })
+        in_tx!(self, |tx| rows(&tx, &SQL.revoked_fingerprints, &[], |r| r
+            .text(0))
+        .await?)
     }
 
     fn record_contacts(&self, contacts: Vec<(String, i64)>) -> BoxFuture<'_, StoreResult<()>> {
@@ -693,13 +491,7 @@ impl Store for PgStore {
         user: Option<String>,
     ) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            let n = tx
-                .execute(
-                    "UPDATE dev_devices SET login_user = $2 WHERE id = $1",
-                    &[&device_id, &user],
-                )
-                .await?;
-            if n == 0 {
+            if tx.execute(&SQL.set_session, &[&device_id, &user]).await? == 0 {
                 return not_found(format!("no device {device_id:?}"));
             }
             notify_changed(&tx, Some(&device_id)).await?;
@@ -713,11 +505,10 @@ impl Store for PgStore {
         open: bool,
     ) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            let sql = match open {
-                true => "UPDATE dev_devices SET channel_node = $2 WHERE id = $1",
-                false => {
-                    "UPDATE dev_devices SET channel_node = NULL WHERE id = $1 AND channel_node = $2"
-                }
+            let sql = if open {
+                &SQL.open_channel
+            } else {
+                &SQL.close_channel
             };
             tx.execute(sql, &[&device_id, &node]).await?;
         })
@@ -729,12 +520,8 @@ impl Store for PgStore {
 
     fn set_defaults(&self, settings: Value) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            tx.execute(
-                "INSERT INTO dev_meta (key, value) VALUES ('defaults', $1) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                &[&settings.to_string()],
-            )
-            .await?;
+            tx.execute(&SQL.put_defaults, &[&settings.to_string()])
+                .await?;
             notify_changed(&tx, None).await?;
         })
     }
@@ -746,8 +533,7 @@ impl Store for PgStore {
     fn put_group(&self, g: Group) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
             tx.execute(
-                "INSERT INTO dev_groups (name, priority, settings) VALUES ($1, $2, $3) \
-                 ON CONFLICT (name) DO UPDATE SET priority = excluded.priority, settings = excluded.settings",
+                &SQL.put_group,
                 &[&g.name, &g.priority, &g.settings.to_string()],
             )
             .await?;
@@ -757,11 +543,7 @@ impl Store for PgStore {
 
     fn delete_group(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            if tx
-                .execute("DELETE FROM dev_groups WHERE name = $1", &[&name])
-                .await?
-                == 0
-            {
+            if tx.execute(&SQL.delete_group, &[&name]).await? == 0 {
                 return not_found(format!("no group {name:?}"));
             }
             notify_changed(&tx, None).await?;
@@ -774,23 +556,15 @@ impl Store for PgStore {
 
     fn put_user(&self, u: UserProfile) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            tx.execute(
-                "INSERT INTO dev_users (name, settings) VALUES ($1, $2) \
-                 ON CONFLICT (name) DO UPDATE SET settings = excluded.settings",
-                &[&u.name, &u.settings.to_string()],
-            )
-            .await?;
+            tx.execute(&SQL.put_user, &[&u.name, &u.settings.to_string()])
+                .await?;
             notify_changed(&tx, None).await?;
         })
     }
 
     fn delete_user(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
         in_tx!(self, |tx| {
-            if tx
-                .execute("DELETE FROM dev_users WHERE name = $1", &[&name])
-                .await?
-                == 0
-            {
+            if tx.execute(&SQL.delete_user, &[&name]).await? == 0 {
                 return not_found(format!("no user {name:?}"));
             }
             notify_changed(&tx, None).await?;
@@ -819,9 +593,7 @@ impl Store for PgStore {
             let user = match d.session_user {
                 None => None,
                 Some(u) => {
-                    let row = tx
-                        .query_opt("SELECT settings FROM dev_users WHERE name = $1", &[&u])
-                        .await?;
+                    let row = tx.query_opt(&SQL.user_settings, &[&u]).await?;
                     let profile = match row {
                         Some(r) => Some(parse_json(r.try_get(0)?)?),
                         None => None,
@@ -844,12 +616,7 @@ impl Store for PgStore {
         in_tx!(self, |tx| {
             // FOR SHARE: a revocation committing meanwhile waits for us or
             // we see it; no command slips in after a revocation.
-            let row = tx
-                .query_opt(
-                    "SELECT revoked_at FROM dev_devices WHERE id = $1 FOR SHARE",
-                    &[&c.device_id],
-                )
-                .await?;
+            let row = tx.query_opt(&SQL.revoked_at, &[&c.device_id]).await?;
             match row.map(|r| r.try_get::<_, Option<i64>>(0)).transpose()? {
                 None => return not_found(format!("no device {:?}", c.device_id)),
                 Some(Some(_)) => {
@@ -863,8 +630,14 @@ impl Store for PgStore {
             let payload = c.payload.to_string();
             let row = tx
                 .query_one(
-                    "INSERT INTO dev_commands (id, device_id, kind, payload, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING seq",
-                    &[&c.id, &c.device_id, &c.kind.as_str(), &payload, &c.created_at],
+                    &SQL.queue_command,
+                    &[
+                        &c.id,
+                        &c.device_id,
+                        &c.kind.as_str(),
+                        &payload,
+                        &c.created_at,
+                    ],
                 )
                 .await?;
             notify_changed(&tx, Some(&c.device_id)).await?;
@@ -876,27 +649,30 @@ impl Store for PgStore {
     }
 
     fn pending_commands(&self, device_id: String) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
-        in_tx!(self, |tx| {
-            let sql = format!("SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE device_id = $1 AND acked_at IS NULL ORDER BY seq");
-            query_commands(&tx, &sql, &[&device_id]).await?
-        })
+        in_tx!(self, |tx| rows(
+            &tx,
+            &SQL.pending_commands,
+            &[&device_id],
+            sql::command
+        )
+        .await?)
     }
 
     fn pending_count(&self, device_id: String) -> BoxFuture<'_, StoreResult<i64>> {
         in_tx!(self, |tx| tx
-            .query_one(
-                "SELECT count(*) FROM dev_commands WHERE device_id = $1 AND acked_at IS NULL",
-                &[&device_id]
-            )
+            .query_one(&SQL.pending_count, &[&device_id])
             .await?
             .try_get::<_, i64>(0)?)
     }
 
     fn commands(&self, device_id: String, limit: i64) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
-        in_tx!(self, |tx| {
-            let sql = format!("SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE device_id = $1 ORDER BY seq DESC LIMIT $2");
-            query_commands(&tx, &sql, &[&device_id, &limit]).await?
-        })
+        in_tx!(self, |tx| rows(
+            &tx,
+            &SQL.recent_commands,
+            &[&device_id, &limit],
+            sql::command
+        )
+        .await?)
     }
 
     fn ack_command(
@@ -909,16 +685,12 @@ impl Store for PgStore {
     ) -> BoxFuture<'_, StoreResult<Command>> {
         in_tx!(self, |tx| {
             tx.execute(
-                "UPDATE dev_commands SET acked_at = $3, status = $4, result = $5 \
-                 WHERE id = $1 AND device_id = $2 AND acked_at IS NULL",
+                &SQL.ack_command,
                 &[&command_id, &device_id, &now, &status, &result.to_string()],
             )
             .await?;
             notify_changed(&tx, Some(&device_id)).await?;
-            let sql = format!(
-                "SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE id = $1 AND device_id = $2"
-            );
-            match query_commands(&tx, &sql, &[&command_id, &device_id])
+            match rows(&tx, &SQL.command, &[&command_id, &device_id], sql::command)
                 .await?
                 .pop()
             {
@@ -937,19 +709,6 @@ impl Store for PgStore {
                 .read_only(true)
                 .start()
                 .await?;
-            let rows = tx
-                .query(
-                    &format!("SELECT {DEVICE_COLUMNS} FROM dev_devices ORDER BY id"),
-                    &[],
-                )
-                .await?;
-            let devices = finish_devices(&tx, rows).await?;
-            let commands = query_commands(
-                &tx,
-                &format!("SELECT {COMMAND_COLUMNS} FROM dev_commands ORDER BY seq"),
-                &[],
-            )
-            .await?;
             let snapshot = Snapshot {
                 format: SNAPSHOT_FORMAT.to_string(),
                 version: SNAPSHOT_VERSION,
@@ -958,8 +717,8 @@ impl Store for PgStore {
                 groups: read_groups(&tx).await?,
                 users: read_users(&tx).await?,
                 tokens: read_tokens(&tx).await?,
-                devices,
-                commands,
+                devices: devices(&tx, &SQL.devices, &[]).await?,
+                commands: rows(&tx, &SQL.commands, &[], sql::command).await?,
                 ca: None,
             };
             tx.commit().await?;
@@ -972,34 +731,29 @@ impl Store for PgStore {
             check_snapshot(&s)?;
             tx.batch_execute(
                 "LOCK TABLE dev_meta, dev_tokens, dev_devices, dev_groups, dev_members, dev_users, dev_commands \
-                 IN EXCLUSIVE MODE; \
-                 DELETE FROM dev_commands; DELETE FROM dev_members; DELETE FROM dev_devices; \
-                 DELETE FROM dev_groups; DELETE FROM dev_users; DELETE FROM dev_tokens; DELETE FROM dev_meta;",
+                 IN EXCLUSIVE MODE",
             )
             .await?;
-            tx.execute(
-                "INSERT INTO dev_meta (key, value) VALUES ('defaults', $1)",
-                &[&s.defaults.to_string()],
-            )
-            .await?;
+            tx.batch_execute(&SQL.clear_all).await?;
+            tx.execute(&SQL.insert_defaults, &[&s.defaults.to_string()])
+                .await?;
             for g in &s.groups {
                 tx.execute(
-                    "INSERT INTO dev_groups (name, priority, settings) VALUES ($1, $2, $3)",
+                    &SQL.insert_group,
                     &[&g.name, &g.priority, &g.settings.to_string()],
                 )
                 .await?;
             }
             for u in &s.users {
-                tx.execute(
-                    "INSERT INTO dev_users (name, settings) VALUES ($1, $2)",
-                    &[&u.name, &u.settings.to_string()],
-                )
-                .await?;
+                tx.execute(&SQL.insert_user, &[&u.name, &u.settings.to_string()])
+                    .await?;
             }
             for t in &s.tokens {
                 insert_token(&tx, t).await?;
             }
             for d in &s.devices {
+                // A channel recorded in the export belongs to a process
+                // that is not this one.
                 insert_device(
                     &tx,
                     &Device {
@@ -1010,23 +764,8 @@ impl Store for PgStore {
                 .await?;
             }
             for c in &s.commands {
-                let result = c.result.as_ref().map(|r| r.to_string());
-                tx.execute(
-                    "INSERT INTO dev_commands (seq, id, device_id, kind, payload, created_at, acked_at, status, result) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-                    &[
-                        &c.seq,
-                        &c.id,
-                        &c.device_id,
-                        &c.kind.as_str(),
-                        &c.payload.to_string(),
-                        &c.created_at,
-                        &c.acked_at,
-                        &c.status,
-                        &result,
-                    ],
-                )
-                .await?;
+                let args = sql::command_args(c);
+                tx.execute(&SQL.import_command, &params(&args)).await?;
             }
             // Explicit seqs bypass the sequence: move it past them.
             tx.execute(

@@ -19,15 +19,16 @@
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction};
+use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Transaction};
 use serde_json::Value;
 
-use super::{check_snapshot, like_pattern, parse_json, Store, StoreError, StoreResult};
+use super::sql::{self, Arg, Columns, Dialect, Statements};
+use super::{check_snapshot, parse_json, Store, StoreError, StoreResult};
 use crate::module::devices::model::*;
 use crate::module::BoxFuture;
 
@@ -36,59 +37,8 @@ const READERS: usize = 4;
 /// How often the checkpointer looks for new WAL frames to copy back.
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(500);
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS dev_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_tokens (
-    id TEXT PRIMARY KEY,
-    secret_sha256 TEXT NOT NULL UNIQUE,
-    label TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    expires_at INTEGER NOT NULL,
-    uses_left INTEGER NOT NULL,
-    used INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS dev_devices (
-    id TEXT PRIMARY KEY,
-    fingerprint TEXT NOT NULL UNIQUE,
-    name TEXT NOT NULL,
-    serial TEXT NOT NULL,
-    cert_pem TEXT NOT NULL,
-    settings TEXT NOT NULL,
-    login_user TEXT,
-    enrolled_at INTEGER NOT NULL,
-    token_id TEXT,
-    last_contact INTEGER,
-    revoked_at INTEGER,
-    channel_node TEXT
-);
-CREATE TABLE IF NOT EXISTS dev_groups (name TEXT PRIMARY KEY, priority INTEGER NOT NULL, settings TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_members (
-    device_id TEXT NOT NULL REFERENCES dev_devices(id) ON DELETE CASCADE,
-    group_name TEXT NOT NULL REFERENCES dev_groups(name) ON DELETE CASCADE,
-    PRIMARY KEY (device_id, group_name)
-);
-CREATE INDEX IF NOT EXISTS dev_members_group ON dev_members(group_name);
-CREATE TABLE IF NOT EXISTS dev_users (name TEXT PRIMARY KEY, settings TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS dev_commands (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,
-    device_id TEXT NOT NULL REFERENCES dev_devices(id) ON DELETE CASCADE,
-    kind TEXT NOT NULL,
-    payload TEXT NOT NULL,
-    created_at INTEGER NOT NULL,
-    acked_at INTEGER,
-    status TEXT,
-    result TEXT
-);
-CREATE INDEX IF NOT EXISTS dev_commands_pending ON dev_commands(device_id, seq) WHERE acked_at IS NULL;
-CREATE INDEX IF NOT EXISTS dev_commands_device ON dev_commands(device_id, seq);
-";
-
-const DEVICE_COLUMNS: &str =
-    "id, fingerprint, name, serial, cert_pem, settings, login_user, enrolled_at, \
-     token_id, last_contact, revoked_at, channel_node";
-const COMMAND_COLUMNS: &str =
-    "seq, id, device_id, kind, payload, created_at, acked_at, status, result";
+/// The shared statements (sql.rs) in SQLite's dialect.
+static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Dialect::Sqlite));
 
 struct Inner {
     writer: Mutex<Connection>,
@@ -180,7 +130,7 @@ impl SqliteStore {
     /// from a blocking context or at start-up.
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
         let writer = open(path)?;
-        writer.execute_batch(SCHEMA)?;
+        writer.execute_batch(&SQL.schema)?;
         let readers = (0..READERS)
             .map(|_| open(path).map(Mutex::new))
             .collect::<StoreResult<Vec<_>>>()?;
@@ -276,85 +226,66 @@ async fn acquire(gate: &Arc<Semaphore>) -> StoreResult<tokio::sync::OwnedSemapho
         .map_err(|_| StoreError::Backend("sqlite store closed".into()))
 }
 
-fn device_row(r: &Row) -> rusqlite::Result<(Device, String)> {
-    Ok((
-        Device {
-            id: r.get(0)?,
-            fingerprint: r.get(1)?,
-            name: r.get(2)?,
-            serial: r.get(3)?,
-            cert_pem: r.get(4)?,
-            groups: Vec::new(),
-            settings: Value::Null,
-            session_user: r.get(6)?,
-            enrolled_at: r.get(7)?,
-            token_id: r.get(8)?,
-            last_contact: r.get(9)?,
-            revoked_at: r.get(10)?,
-            channel_node: r.get(11)?,
-        },
-        r.get(5)?,
-    ))
+impl Columns for Row<'_> {
+    fn text(&self, i: usize) -> StoreResult<String> {
+        Ok(self.get(i)?)
+    }
+    fn opt_text(&self, i: usize) -> StoreResult<Option<String>> {
+        Ok(self.get(i)?)
+    }
+    fn int(&self, i: usize) -> StoreResult<i64> {
+        Ok(self.get(i)?)
+    }
+    fn opt_int(&self, i: usize) -> StoreResult<Option<i64>> {
+        Ok(self.get(i)?)
+    }
 }
 
-/// Fill in what the row alone does not carry: settings and groups.
-fn finish_device(tx: &Transaction, (mut d, settings): (Device, String)) -> StoreResult<Device> {
-    d.settings = parse_json(&settings)?;
-    let mut st = tx.prepare_cached(
-        "SELECT group_name FROM dev_members WHERE device_id = ?1 ORDER BY group_name",
-    )?;
-    d.groups = st
-        .query_map([&d.id], |r| r.get(0))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(d)
+impl rusqlite::ToSql for Arg<'_> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        match self {
+            Arg::Text(s) => s.to_sql(),
+            Arg::OptText(s) => s.to_sql(),
+            Arg::Int(n) => n.to_sql(),
+            Arg::OptInt(n) => n.to_sql(),
+            Arg::Owned(s) => s.to_sql(),
+            Arg::OptOwned(s) => s.to_sql(),
+        }
+    }
 }
 
-fn load_device(tx: &Transaction, id: &str) -> StoreResult<Option<Device>> {
-    let sql = format!("SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE id = ?1");
-    let row = tx
-        .prepare_cached(&sql)?
-        .query_row([id], device_row)
-        .optional()?;
-    row.map(|r| finish_device(tx, r)).transpose()
-}
-
-fn command_row(r: &Row) -> rusqlite::Result<(Command, String, Option<String>)> {
-    let kind: String = r.get(3)?;
-    Ok((
-        Command {
-            seq: r.get(0)?,
-            id: r.get(1)?,
-            device_id: r.get(2)?,
-            kind: CommandKind::parse(&kind).unwrap_or(CommandKind::Custom),
-            payload: Value::Null,
-            created_at: r.get(5)?,
-            acked_at: r.get(6)?,
-            status: r.get(7)?,
-            result: None,
-        },
-        r.get(4)?,
-        r.get(8)?,
-    ))
-}
-
-fn finish_command(
-    (mut c, payload, result): (Command, String, Option<String>),
-) -> StoreResult<Command> {
-    c.payload = parse_json(&payload)?;
-    c.result = result.as_deref().map(parse_json).transpose()?;
-    Ok(c)
-}
-
-fn query_commands(
+/// Every row of a (cached) statement, read with `read`.
+fn rows<T>(
     tx: &Transaction,
     sql: &str,
     p: impl rusqlite::Params,
-) -> StoreResult<Vec<Command>> {
+    read: fn(&dyn Columns) -> StoreResult<T>,
+) -> StoreResult<Vec<T>> {
     let mut st = tx.prepare_cached(sql)?;
-    let rows = st
-        .query_map(p, command_row)?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(finish_command).collect()
+    let mut rows = st.query(p)?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next()? {
+        out.push(read(r)?);
+    }
+    Ok(out)
+}
+
+/// Devices with their groups.
+fn devices(tx: &Transaction, sql: &str, p: impl rusqlite::Params) -> StoreResult<Vec<Device>> {
+    let mut devices = rows(tx, sql, p, sql::device)?;
+    let mut st = tx.prepare_cached(
+        "SELECT group_name FROM dev_members WHERE device_id = ?1 ORDER BY group_name",
+    )?;
+    for d in &mut devices {
+        d.groups = st
+            .query_map([&d.id], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+    }
+    Ok(devices)
+}
+
+fn load_device(tx: &Transaction, id: &str) -> StoreResult<Option<Device>> {
+    Ok(devices(tx, &SQL.device, [id])?.pop())
 }
 
 fn set_members(tx: &Transaction, device_id: &str, groups: &[String]) -> StoreResult<()> {
@@ -368,7 +299,7 @@ fn set_members(tx: &Transaction, device_id: &str, groups: &[String]) -> StoreRes
             return Err(StoreError::Conflict(format!("no group named {g:?}")));
         }
     }
-    tx.execute("DELETE FROM dev_members WHERE device_id = ?1", [device_id])?;
+    tx.execute(&SQL.clear_members, [device_id])?;
     let mut st = tx.prepare_cached(
         "INSERT OR IGNORE INTO dev_members (device_id, group_name) VALUES (?1, ?2)",
     )?;
@@ -379,145 +310,48 @@ fn set_members(tx: &Transaction, device_id: &str, groups: &[String]) -> StoreRes
 }
 
 fn insert_device(tx: &Transaction, d: &Device) -> StoreResult<()> {
-    let sql = format!("INSERT INTO dev_devices ({DEVICE_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)");
-    tx.execute(
-        &sql,
-        params![
-            d.id,
-            d.fingerprint,
-            d.name,
-            d.serial,
-            d.cert_pem,
-            d.settings.to_string(),
-            d.session_user,
-            d.enrolled_at,
-            d.token_id,
-            d.last_contact,
-            d.revoked_at,
-            d.channel_node
-        ],
-    )
-    .map_err(|e| match e {
-        rusqlite::Error::SqliteFailure(f, _)
-            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
-        {
-            StoreError::Conflict(format!(
-                "device {} or its certificate is already enrolled",
-                d.id
-            ))
-        }
-        e => backend(e),
-    })?;
+    tx.execute(&SQL.insert_device, params_from_iter(sql::device_args(d)))
+        .map_err(|e| match e {
+            rusqlite::Error::SqliteFailure(f, _)
+                if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::Conflict(format!(
+                    "device {} or its certificate is already enrolled",
+                    d.id
+                ))
+            }
+            e => backend(e),
+        })?;
     set_members(tx, &d.id, &d.groups)
 }
 
 fn insert_token(tx: &Transaction, t: &EnrolToken) -> StoreResult<()> {
-    tx.execute(
-        "INSERT INTO dev_tokens (id, secret_sha256, label, created_at, expires_at, uses_left, used) \
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![t.id, t.secret_sha256, t.label, t.created_at, t.expires_at, t.uses_left, t.used],
-    )?;
+    tx.execute(&SQL.insert_token, params_from_iter(sql::token_args(t)))?;
     Ok(())
 }
 
-fn insert_command(tx: &Transaction, c: &Command, with_seq: bool) -> StoreResult<i64> {
-    let result = c.result.as_ref().map(|r| r.to_string());
-    let p = params![
-        c.id,
-        c.device_id,
-        c.kind.as_str(),
-        c.payload.to_string(),
-        c.created_at,
-        c.acked_at,
-        c.status,
-        result
-    ];
-    if with_seq {
-        tx.execute(
-            "INSERT INTO dev_commands (seq, id, device_id, kind, payload, created_at, acked_at, status, result) \
-             VALUES (?9, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            rusqlite::params_from_iter(p.iter().copied().chain(std::iter::once(&c.seq as &dyn rusqlite::ToSql))),
-        )?;
-        Ok(c.seq)
-    } else {
-        tx.execute(
-            "INSERT INTO dev_commands (id, device_id, kind, payload, created_at, acked_at, status, result) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            p,
-        )?;
-        Ok(tx.last_insert_rowid())
-    }
-}
-
 fn read_defaults(tx: &Transaction) -> StoreResult<Value> {
-    let text: Option<String> = tx
-        .query_row(
-            "SELECT value FROM dev_meta WHERE key = 'defaults'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    text.as_deref()
-        .map(parse_json)
-        .transpose()
-        .map(|v| v.unwrap_or_else(empty_object))
+    sql::defaults(tx.query_row(&SQL.defaults, [], |r| r.get(0)).optional()?)
 }
 
 fn read_groups(tx: &Transaction) -> StoreResult<Vec<Group>> {
-    let mut st = tx.prepare_cached(
-        "SELECT name, priority, settings FROM dev_groups ORDER BY priority, name",
-    )?;
-    let rows = st
-        .query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-            ))
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter()
-        .map(|(name, priority, s)| {
-            Ok(Group {
-                name,
-                priority,
-                settings: parse_json(&s)?,
-            })
-        })
-        .collect()
+    rows(tx, &SQL.groups, [], sql::group)
 }
 
 fn read_users(tx: &Transaction) -> StoreResult<Vec<UserProfile>> {
-    let mut st = tx.prepare_cached("SELECT name, settings FROM dev_users ORDER BY name")?;
-    let rows = st
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter()
-        .map(|(name, s)| {
-            Ok(UserProfile {
-                name,
-                settings: parse_json(&s)?,
-            })
-        })
-        .collect()
+    rows(tx, &SQL.users, [], sql::user)
 }
 
 fn read_tokens(tx: &Transaction) -> StoreResult<Vec<EnrolToken>> {
-    let mut st = tx.prepare_cached(
-        "SELECT id, secret_sha256, label, created_at, expires_at, uses_left, used FROM dev_tokens ORDER BY created_at, id",
-    )?;
-    let rows = st.query_map([], |r| {
-        Ok(EnrolToken {
-            id: r.get(0)?,
-            secret_sha256: r.get(1)?,
-            label: r.get(2)?,
-            created_at: r.get(3)?,
-            expires_at: r.get(4)?,
-            uses_left: r.get(5)?,
-            used: r.get(6)?,
-        })
-    })?;
-    Ok(rows.collect::<rusqlite::Result<_>>()?)
+    rows(tx, &SQL.tokens, [], sql::token)
+}
+
+/// `Ok` if the statement changed a row, `NotFound(what)` if none.
+fn changed(n: usize, what: impl FnOnce() -> String) -> StoreResult<()> {
+    match n {
+        0 => Err(StoreError::NotFound(what())),
+        _ => Ok(()),
+    }
 }
 
 impl Store for SqliteStore {
@@ -534,12 +368,11 @@ impl Store for SqliteStore {
     }
 
     fn delete_token(&self, id: String) -> BoxFuture<'_, StoreResult<()>> {
-        self.write(
-            move |tx| match tx.execute("DELETE FROM dev_tokens WHERE id = ?1", [&id])? {
-                0 => Err(StoreError::NotFound(format!("no token {id:?}"))),
-                _ => Ok(()),
-            },
-        )
+        self.write(move |tx| {
+            changed(tx.execute(&SQL.delete_token, [&id])?, || {
+                format!("no token {id:?}")
+            })
+        })
     }
 
     fn enrol(
@@ -550,12 +383,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, StoreResult<Device>> {
         self.write(move |tx| {
             let id: Option<String> = tx
-                .query_row(
-                    "UPDATE dev_tokens SET uses_left = uses_left - 1, used = used + 1 \
-                     WHERE secret_sha256 = ?1 AND expires_at > ?2 AND uses_left > 0 RETURNING id",
-                    params![secret_sha256, now],
-                    |r| r.get(0),
-                )
+                .query_row(&SQL.spend_token, params![secret_sha256, now], |r| r.get(0))
                 .optional()?;
             let Some(id) = id else {
                 return Err(StoreError::TokenRejected);
@@ -577,85 +405,37 @@ impl Store for SqliteStore {
         &self,
         fingerprint: String,
     ) -> BoxFuture<'_, StoreResult<Option<Device>>> {
-        self.read(move |tx| {
-            let sql = format!("SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE fingerprint = ?1");
-            let row = tx
-                .prepare_cached(&sql)?
-                .query_row([&fingerprint], device_row)
-                .optional()?;
-            row.map(|r| finish_device(tx, r)).transpose()
-        })
+        self.read(move |tx| Ok(devices(tx, &SQL.device_by_fingerprint, [&fingerprint])?.pop()))
     }
 
     fn list_devices(&self, q: DeviceQuery) -> BoxFuture<'_, StoreResult<(Vec<Device>, i64)>> {
         self.read(move |tx| {
-            let mut cond = vec!["1 = 1".to_string()];
-            let mut args: Vec<Box<dyn rusqlite::ToSql>> = Vec::new();
-            if let Some(s) = &q.search {
-                args.push(Box::new(like_pattern(s)));
-                let n = args.len();
-                cond.push(format!(
-                    "(lower(name) LIKE ?{n} ESCAPE '\\' OR id LIKE ?{n} ESCAPE '\\' OR fingerprint LIKE ?{n} ESCAPE '\\')"
-                ));
-            }
-            if let Some(g) = &q.group {
-                args.push(Box::new(g.clone()));
-                cond.push(format!(
-                    "id IN (SELECT device_id FROM dev_members WHERE group_name = ?{})",
-                    args.len()
-                ));
-            }
-            match q.revoked {
-                Some(true) => cond.push("revoked_at IS NOT NULL".into()),
-                Some(false) => cond.push("revoked_at IS NULL".into()),
-                None => {}
-            }
-            if let Some(t) = q.contact_since {
-                args.push(Box::new(t));
-                cond.push(format!("last_contact >= ?{}", args.len()));
-            }
-            if let Some(t) = q.silent_since {
-                args.push(Box::new(t));
-                cond.push(format!("(last_contact IS NULL OR last_contact < ?{})", args.len()));
-            }
-            let filter = cond.join(" AND ");
-            let total: i64 = tx.query_row(
-                &format!("SELECT count(*) FROM dev_devices WHERE {filter}"),
-                rusqlite::params_from_iter(args.iter()),
-                |r| r.get(0),
-            )?;
-            args.push(Box::new(q.limit));
-            args.push(Box::new(q.offset));
-            let sql = format!(
-                "SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE {filter} ORDER BY id LIMIT ?{} OFFSET ?{}",
-                args.len() - 1,
-                args.len()
-            );
-            let mut st = tx.prepare(&sql)?;
-            let rows = st
-                .query_map(rusqlite::params_from_iter(args.iter()), device_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let devices = rows.into_iter().map(|r| finish_device(tx, r)).collect::<StoreResult<_>>()?;
+            let list = sql::list_devices(Dialect::Sqlite, &q);
+            let total: i64 =
+                tx.query_row(&list.count, params_from_iter(&list.args), |r| r.get(0))?;
+            let page = list
+                .args
+                .iter()
+                .cloned()
+                .chain([Arg::Int(q.limit), Arg::Int(q.offset)]);
+            let devices = devices(tx, &list.page, params_from_iter(page))?;
             Ok((devices, total))
         })
     }
 
     fn patch_device(&self, id: String, patch: DevicePatch) -> BoxFuture<'_, StoreResult<Device>> {
         self.write(move |tx| {
-            if load_device(tx, &id)?.is_none() {
+            let exists = tx
+                .query_row(&SQL.lock_device, [&id], |_| Ok(()))
+                .optional()?;
+            if exists.is_none() {
                 return Err(StoreError::NotFound(format!("no device {id:?}")));
             }
             if let Some(name) = &patch.name {
-                tx.execute(
-                    "UPDATE dev_devices SET name = ?2 WHERE id = ?1",
-                    params![id, name],
-                )?;
+                tx.execute(&SQL.set_name, params![id, name])?;
             }
             if let Some(s) = &patch.settings {
-                tx.execute(
-                    "UPDATE dev_devices SET settings = ?2 WHERE id = ?1",
-                    params![id, s.to_string()],
-                )?;
+                tx.execute(&SQL.set_settings, params![id, s.to_string()])?;
             }
             if let Some(groups) = &patch.groups {
                 set_members(tx, &id, groups)?;
@@ -666,25 +446,13 @@ impl Store for SqliteStore {
 
     fn revoke_device(&self, id: String, now: i64) -> BoxFuture<'_, StoreResult<Device>> {
         self.write(move |tx| {
-            let n = tx.execute(
-                "UPDATE dev_devices SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1",
-                params![id, now],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound(format!("no device {id:?}")));
-            }
+            tx.execute(&SQL.revoke, params![id, now])?;
             load_device(tx, &id)?.ok_or_else(|| StoreError::NotFound(format!("no device {id:?}")))
         })
     }
 
     fn revoked_fingerprints(&self) -> BoxFuture<'_, StoreResult<Vec<String>>> {
-        self.read(|tx| {
-            let mut st = tx.prepare_cached(
-                "SELECT fingerprint FROM dev_devices WHERE revoked_at IS NOT NULL",
-            )?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
-        })
+        self.read(|tx| rows(tx, &SQL.revoked_fingerprints, [], |r| r.text(0)))
     }
 
     fn record_contacts(&self, contacts: Vec<(String, i64)>) -> BoxFuture<'_, StoreResult<()>> {
@@ -705,13 +473,10 @@ impl Store for SqliteStore {
         user: Option<String>,
     ) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            match tx.execute(
-                "UPDATE dev_devices SET login_user = ?2 WHERE id = ?1",
-                params![device_id, user],
-            )? {
-                0 => Err(StoreError::NotFound(format!("no device {device_id:?}"))),
-                _ => Ok(()),
-            }
+            changed(
+                tx.execute(&SQL.set_session, params![device_id, user])?,
+                || format!("no device {device_id:?}"),
+            )
         })
     }
 
@@ -722,14 +487,12 @@ impl Store for SqliteStore {
         open: bool,
     ) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            if open {
-                tx.execute("UPDATE dev_devices SET channel_node = ?2 WHERE id = ?1", params![device_id, node])?;
+            let sql = if open {
+                &SQL.open_channel
             } else {
-                tx.execute(
-                    "UPDATE dev_devices SET channel_node = NULL WHERE id = ?1 AND channel_node = ?2",
-                    params![device_id, node],
-                )?;
-            }
+                &SQL.close_channel
+            };
+            tx.execute(sql, params![device_id, node])?;
             Ok(())
         })
     }
@@ -740,11 +503,7 @@ impl Store for SqliteStore {
 
     fn set_defaults(&self, settings: Value) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            tx.execute(
-                "INSERT INTO dev_meta (key, value) VALUES ('defaults', ?1) \
-                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                [settings.to_string()],
-            )?;
+            tx.execute(&SQL.put_defaults, [settings.to_string()])?;
             Ok(())
         })
     }
@@ -756,8 +515,7 @@ impl Store for SqliteStore {
     fn put_group(&self, g: Group) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
             tx.execute(
-                "INSERT INTO dev_groups (name, priority, settings) VALUES (?1, ?2, ?3) \
-                 ON CONFLICT (name) DO UPDATE SET priority = excluded.priority, settings = excluded.settings",
+                &SQL.put_group,
                 params![g.name, g.priority, g.settings.to_string()],
             )?;
             Ok(())
@@ -766,10 +524,9 @@ impl Store for SqliteStore {
 
     fn delete_group(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            match tx.execute("DELETE FROM dev_groups WHERE name = ?1", [&name])? {
-                0 => Err(StoreError::NotFound(format!("no group {name:?}"))),
-                _ => Ok(()),
-            }
+            changed(tx.execute(&SQL.delete_group, [&name])?, || {
+                format!("no group {name:?}")
+            })
         })
     }
 
@@ -779,21 +536,16 @@ impl Store for SqliteStore {
 
     fn put_user(&self, u: UserProfile) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            tx.execute(
-                "INSERT INTO dev_users (name, settings) VALUES (?1, ?2) \
-                 ON CONFLICT (name) DO UPDATE SET settings = excluded.settings",
-                params![u.name, u.settings.to_string()],
-            )?;
+            tx.execute(&SQL.put_user, params![u.name, u.settings.to_string()])?;
             Ok(())
         })
     }
 
     fn delete_user(&self, name: String) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
-            match tx.execute("DELETE FROM dev_users WHERE name = ?1", [&name])? {
-                0 => Err(StoreError::NotFound(format!("no user {name:?}"))),
-                _ => Ok(()),
-            }
+            changed(tx.execute(&SQL.delete_user, [&name])?, || {
+                format!("no user {name:?}")
+            })
         })
     }
 
@@ -809,11 +561,7 @@ impl Store for SqliteStore {
                 None => None,
                 Some(u) => {
                     let s: Option<String> = tx
-                        .query_row(
-                            "SELECT settings FROM dev_users WHERE name = ?1",
-                            [&u],
-                            |r| r.get(0),
-                        )
+                        .query_row(&SQL.user_settings, [&u], |r| r.get(0))
                         .optional()?;
                     Some((u, s.as_deref().map(parse_json).transpose()?))
                 }
@@ -830,11 +578,7 @@ impl Store for SqliteStore {
     fn queue_command(&self, c: Command) -> BoxFuture<'_, StoreResult<Command>> {
         self.write(move |tx| {
             let revoked: Option<Option<i64>> = tx
-                .query_row(
-                    "SELECT revoked_at FROM dev_devices WHERE id = ?1",
-                    [&c.device_id],
-                    |r| r.get(0),
-                )
+                .query_row(&SQL.revoked_at, [&c.device_id], |r| r.get(0))
                 .optional()?;
             match revoked {
                 None => return Err(StoreError::NotFound(format!("no device {:?}", c.device_id))),
@@ -846,34 +590,37 @@ impl Store for SqliteStore {
                 }
                 Some(None) => {}
             }
-            let seq = insert_command(tx, &c, false)?;
+            let seq = tx.query_row(
+                &SQL.queue_command,
+                params![
+                    c.id,
+                    c.device_id,
+                    c.kind.as_str(),
+                    c.payload.to_string(),
+                    c.created_at
+                ],
+                |r| r.get(0),
+            )?;
             Ok(Command { seq, ..c })
         })
     }
 
     fn pending_commands(&self, device_id: String) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
-        self.read(move |tx| {
-            let sql = format!(
-                "SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE device_id = ?1 AND acked_at IS NULL ORDER BY seq"
-            );
-            query_commands(tx, &sql, [&device_id])
-        })
+        self.read(move |tx| rows(tx, &SQL.pending_commands, [&device_id], sql::command))
     }
 
     fn pending_count(&self, device_id: String) -> BoxFuture<'_, StoreResult<i64>> {
-        self.read(move |tx| {
-            Ok(tx.query_row(
-                "SELECT count(*) FROM dev_commands WHERE device_id = ?1 AND acked_at IS NULL",
-                [&device_id],
-                |r| r.get(0),
-            )?)
-        })
+        self.read(move |tx| Ok(tx.query_row(&SQL.pending_count, [&device_id], |r| r.get(0))?))
     }
 
     fn commands(&self, device_id: String, limit: i64) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
         self.read(move |tx| {
-            let sql = format!("SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE device_id = ?1 ORDER BY seq DESC LIMIT ?2");
-            query_commands(tx, &sql, params![device_id, limit])
+            rows(
+                tx,
+                &SQL.recent_commands,
+                params![device_id, limit],
+                sql::command,
+            )
         })
     }
 
@@ -887,37 +634,24 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, StoreResult<Command>> {
         self.write(move |tx| {
             tx.execute(
-                "UPDATE dev_commands SET acked_at = ?3, status = ?4, result = ?5 \
-                 WHERE id = ?1 AND device_id = ?2 AND acked_at IS NULL",
+                &SQL.ack_command,
                 params![command_id, device_id, now, status, result.to_string()],
             )?;
-            let sql = format!(
-                "SELECT {COMMAND_COLUMNS} FROM dev_commands WHERE id = ?1 AND device_id = ?2"
-            );
-            query_commands(tx, &sql, params![command_id, device_id])?
-                .pop()
-                .ok_or_else(|| {
-                    StoreError::NotFound(format!("no command {command_id:?} for this device"))
-                })
+            rows(
+                tx,
+                &SQL.command,
+                params![command_id, device_id],
+                sql::command,
+            )?
+            .pop()
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("no command {command_id:?} for this device"))
+            })
         })
     }
 
     fn export(&self) -> BoxFuture<'_, StoreResult<Snapshot>> {
         self.read(|tx| {
-            let sql = format!("SELECT {DEVICE_COLUMNS} FROM dev_devices ORDER BY id");
-            let mut st = tx.prepare(&sql)?;
-            let rows = st
-                .query_map([], device_row)?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let devices = rows
-                .into_iter()
-                .map(|r| finish_device(tx, r))
-                .collect::<StoreResult<_>>()?;
-            let commands = query_commands(
-                tx,
-                &format!("SELECT {COMMAND_COLUMNS} FROM dev_commands ORDER BY seq"),
-                [],
-            )?;
             Ok(Snapshot {
                 format: SNAPSHOT_FORMAT.to_string(),
                 version: SNAPSHOT_VERSION,
@@ -926,8 +660,8 @@ impl Store for SqliteStore {
                 groups: read_groups(tx)?,
                 users: read_users(tx)?,
                 tokens: read_tokens(tx)?,
-                devices,
-                commands,
+                devices: devices(tx, &SQL.devices, [])?,
+                commands: rows(tx, &SQL.commands, [], sql::command)?,
                 ca: None,
             })
         })
@@ -936,19 +670,16 @@ impl Store for SqliteStore {
     fn import(&self, s: Snapshot) -> BoxFuture<'_, StoreResult<()>> {
         self.write(move |tx| {
             check_snapshot(&s)?;
-            tx.execute_batch(
-                "DELETE FROM dev_commands; DELETE FROM dev_members; DELETE FROM dev_devices; \
-                 DELETE FROM dev_groups; DELETE FROM dev_users; DELETE FROM dev_tokens; DELETE FROM dev_meta;",
-            )?;
-            tx.execute("INSERT INTO dev_meta (key, value) VALUES ('defaults', ?1)", [s.defaults.to_string()])?;
+            tx.execute_batch(&SQL.clear_all)?;
+            tx.execute(&SQL.insert_defaults, [s.defaults.to_string()])?;
             for g in &s.groups {
                 tx.execute(
-                    "INSERT INTO dev_groups (name, priority, settings) VALUES (?1, ?2, ?3)",
+                    &SQL.insert_group,
                     params![g.name, g.priority, g.settings.to_string()],
                 )?;
             }
             for u in &s.users {
-                tx.execute("INSERT INTO dev_users (name, settings) VALUES (?1, ?2)", params![u.name, u.settings.to_string()])?;
+                tx.execute(&SQL.insert_user, params![u.name, u.settings.to_string()])?;
             }
             for t in &s.tokens {
                 insert_token(tx, t)?;
@@ -956,10 +687,16 @@ impl Store for SqliteStore {
             for d in &s.devices {
                 // A channel recorded in the export belongs to a process
                 // that is not this one.
-                insert_device(tx, &Device { channel_node: None, ..d.clone() })?;
+                insert_device(
+                    tx,
+                    &Device {
+                        channel_node: None,
+                        ..d.clone()
+                    },
+                )?;
             }
             for c in &s.commands {
-                insert_command(tx, c, true)?;
+                tx.execute(&SQL.import_command, params_from_iter(sql::command_args(c)))?;
             }
             Ok(())
         })

@@ -16,10 +16,10 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 use tokio::sync::mpsc;
 
-use super::announcer::{Announcer, AnnouncerOptions};
-use super::token;
-use super::wire::{self, Heartbeat, NodeState, Service};
-use crate::config::duration::ConfigDuration;
+use fleetgate::config::duration::ConfigDuration;
+use fleetgate::discovery::announcer::{Announcer, AnnouncerOptions};
+use fleetgate::discovery::token;
+use fleetgate::discovery::wire::{self, Heartbeat, NodeState, Service};
 
 /// The agent's file. Keys and defaults are described in conf/agent.toml.
 #[derive(Debug, Deserialize)]
@@ -139,7 +139,7 @@ pub fn parse_config(text: &str, path: &Path) -> anyhow::Result<AgentConfig> {
         let key = e.path().to_string();
         let inner = e.into_inner();
         let at = inner.span().map_or(String::new(), |s| {
-            let (line, col) = crate::config::locate::line_col(text, s.start);
+            let (line, col) = fleetgate::config::locate::line_col(text, s.start);
             format!(":{line}:{col}")
         });
         anyhow::anyhow!(
@@ -299,7 +299,8 @@ impl Agent {
         })
     }
 
-    pub fn node_id(&self) -> &str {
+    #[cfg(test)]
+    fn node_id(&self) -> &str {
         &self.options.node
     }
 
@@ -425,7 +426,7 @@ impl Agent {
 /// The `fleetgate agent -c FILE` entry point.
 pub async fn run_agent(path: &Path) -> anyhow::Result<()> {
     let cfg = load_config(path)?;
-    crate::logging::init(&cfg.log_level);
+    fleetgate::logging::init(&cfg.log_level);
     // Handlers first: a SIGTERM during start-up must drain, not kill.
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
@@ -472,11 +473,11 @@ fn hostname() -> Option<String> {
 }
 
 async fn probe(p: &Probe, tls: &Arc<rustls::ClientConfig>) -> Result<(), String> {
-    use crate::balance::health::{probe_once, Target};
+    use fleetgate::balance::health::{probe_once, Target};
     let kind = match p.kind {
-        CheckKind::Tcp => crate::config::CheckKind::Tcp,
-        CheckKind::Tls => crate::config::CheckKind::Tls,
-        CheckKind::Http => crate::config::CheckKind::Http,
+        CheckKind::Tcp => fleetgate::config::CheckKind::Tcp,
+        CheckKind::Tls => fleetgate::config::CheckKind::Tls,
+        CheckKind::Http => fleetgate::config::CheckKind::Http,
     };
     let target = Target {
         kind,
@@ -493,13 +494,13 @@ async fn probe(p: &Probe, tls: &Arc<rustls::ClientConfig>) -> Result<(), String>
 /// The balancer's TLS probe config: does a handshake complete? The
 /// certificate is not judged (the local server's clients judge it).
 fn tls_probe_config() -> rustls::ClientConfig {
-    crate::balance::health::tls_probe_config()
+    fleetgate::balance::health::tls_probe_config()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::discovery::{Discovery, DiscoveryOptions, Registry, Snapshot};
+    use fleetgate::discovery::{Discovery, DiscoveryOptions, Registry, Snapshot};
     use std::os::unix::fs::PermissionsExt;
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
