@@ -196,10 +196,7 @@ fn measure_changes(
         settings.pools,
         setup.nodes()
     );
-    let mut samples = ChangeSamples {
-        status_cost: Some(setup.status_cost()?),
-        ..ChangeSamples::default()
-    };
+    let mut samples = ChangeSamples::default();
     for round in 0..settings.rounds {
         let label = format!("[changes round {}/{}]", round + 1, settings.rounds);
         let cpu = setup.cpu_round(
@@ -226,6 +223,9 @@ fn measure_changes(
             ms.iter().copied().fold(0.0, f64::max)
         );
         samples.wall.extend(wall);
+        let (times, bytes) = setup.status_cost()?;
+        samples.status_ms.extend(times);
+        samples.status_bytes = bytes;
     }
     setup.fleetgate.ensure_running()?;
     Ok(samples)
