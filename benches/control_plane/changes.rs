@@ -49,6 +49,16 @@ pub struct Setup {
     made: usize,
 }
 
+/// One change of a wall-time round.
+pub struct WallSample {
+    /// From the heartbeat's send to the response that showed it, ms.
+    pub ms: f64,
+    /// `/status` requests it took.
+    pub polls: u32,
+    /// The `/status` request timed right before the change, ms.
+    pub idle_status_ms: f64,
+}
+
 /// What one round measured.
 pub struct CpuRound {
     pub changes: usize,
@@ -190,7 +200,7 @@ impl Setup {
         let m = j / 2;
         let pool = m % self.shape.pools;
         let node = (m / self.shape.pools) % self.shape.nodes;
-        let state = if j % 2 == 0 {
+        let state = if j.is_multiple_of(2) {
             NodeState::Draining
         } else {
             NodeState::Normal
@@ -256,10 +266,11 @@ impl Setup {
     }
 
     /// One wall-time round: `changes` changes, each followed by `/status`
-    /// polls every millisecond until the change shows; returns the
-    /// milliseconds from the send to the response that showed it, and the
-    /// number of polls each took.
-    pub fn wall_round(&mut self, changes: usize) -> Result<Vec<(f64, u32)>> {
+    /// polls every millisecond until the change shows. Right before each
+    /// change, one `/status` request (read and parsed like a poll) is
+    /// timed while nothing changes: the same work without the change,
+    /// which the report subtracts to estimate the change's own share.
+    pub fn wall_round(&mut self, changes: usize) -> Result<Vec<WallSample>> {
         self.refresh()?;
         thread::sleep(SETTLE);
         let mut samples = Vec::with_capacity(changes);
@@ -268,6 +279,16 @@ impl Setup {
             let node = &self.fleet.nodes[i];
             let (id, endpoint) = (node.id().to_string(), node.endpoint());
             let pool = pool_of(node.service());
+            let before = Instant::now();
+            let status = self.admin.status()?;
+            let idle_ms = before.elapsed().as_secs_f64() * 1e3;
+            if status
+                .pool(&pool)
+                .is_none_or(|p| p.shows(&id, endpoint, state))
+            {
+                bail!("node {id} shown as {state} before the change (or pool {pool} missing)");
+            }
+            thread::sleep(POLL);
             let sent = self.fleet.change(i, state)?;
             let (seen, polls) = self
                 .admin
@@ -275,25 +296,19 @@ impl Setup {
                     s.pool(&pool).is_some_and(|p| p.shows(&id, endpoint, state))
                 })
                 .with_context(|| format!("node {id} → {state}"))?;
-            samples.push(((seen - sent).as_secs_f64() * 1e3, polls));
+            samples.push(WallSample {
+                ms: (seen - sent).as_secs_f64() * 1e3,
+                polls,
+                idle_status_ms: idle_ms,
+            });
             thread::sleep(WALL_GAP);
         }
         Ok(samples)
     }
 
-    /// Milliseconds each of a few `/status` requests takes while nothing
-    /// changes, and the size of the document: the floor under the
-    /// wall-time figure.
-    pub fn status_cost(&self) -> Result<(Vec<f64>, usize)> {
-        let mut times = Vec::new();
-        let mut size = 0;
-        for _ in 0..5 {
-            let start = Instant::now();
-            size = self.admin.get("/status")?.len();
-            times.push(start.elapsed().as_secs_f64() * 1e3);
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok((times, size))
+    /// Bytes of the `/status` document.
+    pub fn status_size(&self) -> Result<usize> {
+        Ok(self.admin.get("/status")?.len())
     }
 }
 

@@ -220,7 +220,7 @@ fn announce(
             fleet.set_state(node, CYCLE[step % CYCLE.len()]);
             step += 1;
             changes.fetch_add(1, Ordering::Relaxed);
-        } else if step % CYCLE.len() != 0 {
+        } else if !step.is_multiple_of(CYCLE.len()) {
             // Churn stopped mid-cycle: every node back to normal, and the
             // next churn starts a fresh cycle.
             for i in 0..NODES {

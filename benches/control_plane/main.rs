@@ -216,17 +216,15 @@ fn measure_changes(
         );
         samples.cpu.push(cpu);
         let wall = setup.wall_round(settings.changes)?;
-        let ms: Vec<f64> = wall.iter().map(|w| w.0).collect();
+        let ms: Vec<f64> = wall.iter().map(|w| w.ms).collect();
         eprintln!(
             "{label} heartbeat → /status: median {:.2} ms, max {:.2} ms",
             table::median(&ms),
             ms.iter().copied().fold(0.0, f64::max)
         );
         samples.wall.extend(wall);
-        let (times, bytes) = setup.status_cost()?;
-        samples.status_ms.extend(times);
-        samples.status_bytes = bytes;
     }
+    samples.status_bytes = setup.status_size()?;
     setup.fleetgate.ensure_running()?;
     Ok(samples)
 }

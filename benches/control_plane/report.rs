@@ -1,6 +1,6 @@
 //! The two result tables.
 
-use crate::changes::CpuRound;
+use crate::changes::{CpuRound, WallSample};
 use crate::churn::Run;
 use crate::table::{format_ratio, format_value, markdown, median, percentile};
 
@@ -8,10 +8,7 @@ use crate::table::{format_ratio, format_value, markdown, median, percentile};
 #[derive(Default)]
 pub struct ChangeSamples {
     pub cpu: Vec<CpuRound>,
-    /// (ms from heartbeat to /status showing it, polls it took)
-    pub wall: Vec<(f64, u32)>,
-    /// ms per /status request while nothing changes
-    pub status_ms: Vec<f64>,
+    pub wall: Vec<WallSample>,
     /// size of the /status document
     pub status_bytes: usize,
 }
@@ -44,8 +41,10 @@ pub fn changes_table(s: &ChangeSamples, pools: usize, nodes: usize, changes: usi
     };
     let (ticks, ticks_pooled) = per_change(|r| r.ticks_ms);
     let (sched, sched_pooled) = per_change(|r| r.sched_ms);
-    let wall: Vec<f64> = s.wall.iter().map(|w| w.0).collect();
-    let polls: Vec<f64> = s.wall.iter().map(|w| f64::from(w.1)).collect();
+    let wall: Vec<f64> = s.wall.iter().map(|w| w.ms).collect();
+    let polls: Vec<f64> = s.wall.iter().map(|w| f64::from(w.polls)).collect();
+    let idle_status: Vec<f64> = s.wall.iter().map(|w| w.idle_status_ms).collect();
+    let excess: Vec<f64> = s.wall.iter().map(|w| w.ms - w.idle_status_ms).collect();
     let rows = vec![
         vec![
             format!("one discovery change ({pools} pools × {nodes} discovered backends)"),
@@ -67,8 +66,14 @@ pub fn changes_table(s: &ChangeSamples, pools: usize, nodes: usize, changes: usi
             3,
         ),
         stats_row("heartbeat sent → /status shows it, ms ↓", &wall, None, 2),
+        stats_row(
+            "  the same minus the idle /status request before it, ms ↓",
+            &excess,
+            None,
+            2,
+        ),
         stats_row("/status polls until shown", &polls, None, 0),
-        stats_row("one /status request while idle, ms", &s.status_ms, None, 2),
+        stats_row("one /status request while idle, ms", &idle_status, None, 2),
         stats_row(
             "fleetgate idle (no change), % of a core",
             &cpu(|r| r.idle_core_pct),
@@ -94,12 +99,14 @@ pub fn changes_table(s: &ChangeSamples, pools: usize, nodes: usize, changes: usi
              was applied).\n"
         );
     }
-    if !s.status_ms.is_empty() {
+    if !s.wall.is_empty() {
         out += &format!(
             "The wall time ends when the response showing the change has been read, so it \
              includes one /status request ({} KiB here, generated on the same control thread \
              that applies the change) and up to the 1 ms poll period: it cannot resolve \
-             differences smaller than the idle /status row.\n",
+             differences smaller than the idle /status row. The \"minus\" row subtracts, \
+             change by change, the /status request timed just before that change: an \
+             estimate of the change's own share (noisy where the /status time varies).\n",
             s.status_bytes / 1024
         );
     }
