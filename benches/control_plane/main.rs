@@ -136,6 +136,7 @@ fn run() -> Result<()> {
         eprintln!("configs and logs kept in {}", dir.path().display());
     }
     let ticks_per_sec = procs::clock_ticks_per_sec()?;
+    let started = std::time::Instant::now();
 
     println!("\n## Results\n");
     if settings.part_changes {
@@ -149,6 +150,14 @@ fn run() -> Result<()> {
         let (steady, churn) = measure_churn(&settings, dir.path(), &bin, ticks_per_sec)?;
         println!("{}", report::churn_table(&steady, &churn));
     }
+    // The harness shares the cores with what it measures: say what it took.
+    let own = procs::cpu_ticks(std::process::id())? as f64 / ticks_per_sec;
+    let children = procs::reaped_children_ticks()? as f64 / ticks_per_sec;
+    let wall = started.elapsed().as_secs_f64();
+    println!(
+        "Harness CPU: {own:.1} s in {wall:.0} s ({:.1} % of a core), wrk {children:.1} s.",
+        own / wall * 100.0
+    );
     println!("Load average after the run: {}", tools::load_average());
     Ok(())
 }
