@@ -18,7 +18,9 @@ use fleetgate::discovery::NodeState;
 use crate::admin::Admin;
 use crate::config::{dir_str, nginx_command, write_config};
 use crate::heartbeats::{Fleet, Node};
-use crate::procs::{cpu_ticks, free_port, wait_http_ok, Guard};
+use crate::procs::{
+    cpu_ticks, free_port, machine_busy_ticks, reaped_children_ticks, wait_http_ok, Guard,
+};
 use crate::wrk::{wrk_connections, HttpResult};
 
 const ORIGIN_TEMPLATE: &str = include_str!("../templates/control_plane/origin-nginx.conf");
@@ -40,11 +42,14 @@ pub struct Run {
     pub cpu_us_per_request: f64,
     /// State changes announced during the run.
     pub changes: u64,
+    /// Machine busy time minus fleetgate, the origin, wrk and the harness,
+    /// % of one core: well above 0 means other work shared the cores.
+    pub others_pct: f64,
 }
 
 pub struct Setup {
     pub fleetgate: Guard,
-    _origin: Guard,
+    origin: Guard,
     admin: Admin,
     url: String,
     sender: Sender,
@@ -98,7 +103,7 @@ pub fn start(dir: &Path, bin: &Path) -> Result<Setup> {
     let fleetgate = Guard::spawn("fleetgate", &mut cmd, &dir.join("churn.out"))?;
     let mut setup = Setup {
         fleetgate,
-        _origin: origin,
+        origin,
         admin: Admin::new(admin_port),
         url: format!("https://127.0.0.1:{offload_port}/"),
         sender: Sender::start(fleet),
@@ -130,18 +135,24 @@ impl Setup {
         self.wait_all_normal()?;
         thread::sleep(Duration::from_secs(1));
         let changes_before = self.sender.changes.load(Ordering::Relaxed);
-        let cpu_before = cpu_ticks(self.fleetgate.pid())?;
+        let before = Ticks::read(self.fleetgate.pid(), self.origin.pid())?;
+        let started = Instant::now();
         self.sender.churn.store(churn, Ordering::Relaxed);
         let result = wrk_connections(&self.url, secs, CONNECTIONS, false);
         self.sender.churn.store(false, Ordering::Relaxed);
-        let cpu = cpu_ticks(self.fleetgate.pid())? - cpu_before;
+        let used = Ticks::read(self.fleetgate.pid(), self.origin.pid())?.minus(&before);
+        let wall = started.elapsed().as_secs_f64();
         let changes = self.sender.changes.load(Ordering::Relaxed) - changes_before;
         self.fleetgate.ensure_running()?;
         let wrk = result?;
+        let others =
+            used.machine as f64 - (used.fleetgate + used.origin + used.children + used.own) as f64;
         Ok(Run {
-            cpu_us_per_request: cpu as f64 / ticks_per_sec * 1e6 / wrk.requests.max(1) as f64,
+            cpu_us_per_request: used.fleetgate as f64 / ticks_per_sec * 1e6
+                / wrk.requests.max(1) as f64,
             wrk,
             changes,
+            others_pct: others.max(0.0) / ticks_per_sec / wall * 100.0,
         })
     }
 
@@ -164,6 +175,39 @@ impl Setup {
                 bail!("the pool did not list its {NODES} nodes as normal within {LIMIT:?}");
             }
             thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// CPU clock ticks of everyone involved, read around a run.
+struct Ticks {
+    fleetgate: u64,
+    origin: u64,
+    /// Reaped children: wrk, once it has exited.
+    children: u64,
+    /// The harness itself, the heartbeat thread included.
+    own: u64,
+    machine: u64,
+}
+
+impl Ticks {
+    fn read(fleetgate: u32, origin: u32) -> Result<Ticks> {
+        Ok(Ticks {
+            fleetgate: cpu_ticks(fleetgate)?,
+            origin: cpu_ticks(origin)?,
+            children: reaped_children_ticks()?,
+            own: cpu_ticks(std::process::id())?,
+            machine: machine_busy_ticks()?,
+        })
+    }
+
+    fn minus(&self, before: &Ticks) -> Ticks {
+        Ticks {
+            fleetgate: self.fleetgate - before.fleetgate,
+            origin: self.origin - before.origin,
+            children: self.children - before.children,
+            own: self.own - before.own,
+            machine: self.machine - before.machine,
         }
     }
 }

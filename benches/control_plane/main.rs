@@ -258,7 +258,7 @@ fn measure_churn(
             let run = setup.run(settings.secs, with_churn, ticks_per_sec)?;
             eprintln!(
                 "[churn round {}/{}] {:<8} {:.0} requests/s, p99 {:.2} ms, {:.1} µs/request, \
-                 {} changes, {} errors",
+                 {} changes, {} errors, others {:.0} % core",
                 round + 1,
                 settings.rounds,
                 if with_churn { "churn" } else { "no churn" },
@@ -266,7 +266,8 @@ fn measure_churn(
                 run.wrk.p99_us / 1e3,
                 run.cpu_us_per_request,
                 run.changes,
-                run.wrk.errors
+                run.wrk.errors,
+                run.others_pct
             );
             if with_churn {
                 churned.push(run);

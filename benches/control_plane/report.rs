@@ -115,12 +115,13 @@ pub fn changes_table(s: &ChangeSamples, pools: usize, nodes: usize, changes: usi
 
 pub fn churn_table(steady: &[Run], churn: &[Run]) -> String {
     type Figure = fn(&Run) -> f64;
-    let figures: [(&str, Figure, usize); 5] = [
+    let figures: [(&str, Figure, usize); 6] = [
         ("requests/s ↑", |r| r.wrk.requests_per_sec, 0),
         ("p50 latency, ms ↓", |r| r.wrk.p50_us / 1e3, 3),
         ("p99 latency, ms ↓", |r| r.wrk.p99_us / 1e3, 3),
         ("fleetgate CPU, µs/request ↓", |r| r.cpu_us_per_request, 2),
         ("state changes during the run", |r| r.changes as f64, 0),
+        ("other processes, % of a core", |r| r.others_pct, 1),
     ];
     let med = |runs: &[Run], f: Figure| {
         (!runs.is_empty()).then(|| median(&runs.iter().map(f).collect::<Vec<_>>()))
@@ -140,7 +141,12 @@ pub fn churn_table(steady: &[Run], churn: &[Run]) -> String {
             name.into(),
             format_value(a, decimals),
             format_value(b, decimals),
-            format_ratio(b, a),
+            // Context rows (no arrow) get no ratio.
+            if name.contains(['↑', '↓']) {
+                format_ratio(b, a)
+            } else {
+                String::new()
+            },
         ]);
     }
     let errors = |runs: &[Run]| runs.iter().map(|r| r.wrk.errors).sum::<u64>();
