@@ -186,7 +186,10 @@ impl Setup {
                 let in_pool = status
                     .pool(&pool_of(node.service()))
                     .is_some_and(|p| p.shows(node.id(), node.endpoint(), NodeState::Normal));
-                !(in_pool && known.get(node.id()) == Some(&"normal"))
+                // A build whose /status has no node list is judged by the
+                // pools alone.
+                let registry = known.is_empty() || known.get(node.id()) == Some(&"normal");
+                !(in_pool && registry)
             })
             .collect()
     }
@@ -219,7 +222,8 @@ impl Setup {
         ticks_per_sec: f64,
     ) -> Result<CpuRound> {
         self.refresh()?;
-        let applied_before = self.admin.heartbeats_applied()?;
+        // A build without the counter still gets measured (ratio n/a).
+        let applied_before = self.admin.heartbeats_applied().ok();
         thread::sleep(SETTLE);
         let pid = self.fleetgate.pid();
         let window = gap * changes as u32;
@@ -249,7 +253,10 @@ impl Setup {
         self.fleetgate.ensure_running()?;
         // Read after both windows: every change must have been applied
         // (none lost, none refused) for the figure to mean anything.
-        let applied = self.admin.heartbeats_applied()? - applied_before;
+        let applied = match (applied_before, self.admin.heartbeats_applied().ok()) {
+            (Some(a), Some(b)) => b.saturating_sub(a) as f64,
+            _ => f64::NAN,
+        };
         let changes_f = changes as f64;
         let both_secs = idle.wall + busy.wall;
         let others = (busy.machine + idle.machine) as f64
@@ -261,7 +268,7 @@ impl Setup {
             sched_ms: (busy.sched_ns as f64 - idle.sched_ns as f64) / 1e6,
             idle_core_pct: idle.ticks as f64 / ticks_per_sec / idle.wall * 100.0,
             others_pct: others.max(0.0) / ticks_per_sec / both_secs * 100.0,
-            applied_ratio: applied as f64 / changes_f,
+            applied_ratio: applied / changes_f,
         })
     }
 

@@ -89,7 +89,14 @@ pub fn changes_table(s: &ChangeSamples, pools: usize, nodes: usize, changes: usi
     ];
     let mut out = markdown(&rows);
     let applied: Vec<f64> = cpu(|r| r.applied_ratio);
-    if let Some(worst) = applied.iter().copied().reduce(f64::min) {
+    // NaN (no counter in this build) prints as NaN rather than hiding.
+    if let Some(worst) = applied.iter().copied().reduce(|a, b| {
+        if a.is_nan() || b.is_nan() {
+            f64::NAN
+        } else {
+            a.min(b)
+        }
+    }) {
         out += &format!(
             "\nCPU rows: one sample per round: (CPU in a window of {changes} changes − CPU in \
              an idle window as long) ÷ {changes}; pooled = the same over all rounds together. \
