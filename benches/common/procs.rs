@@ -209,6 +209,29 @@ pub fn cpu_ticks(pid: u32) -> Result<u64> {
     stat_fields_sum(&format!("/proc/{pid}/stat"), 14, 15)
 }
 
+/// Run time of every live thread of `pid` in nanoseconds: the first field
+/// of each /proc/PID/task/TID/schedstat, the scheduler's exact accounting,
+/// where utime + stime advance in whole clock ticks (10 ms at USER_HZ 100)
+/// and cannot resolve a cost of a fraction of a millisecond. Threads that
+/// exited are no longer listed, so compare readings only across windows in
+/// which the process keeps its threads.
+pub fn sched_run_ns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path().join("schedstat");
+        // A thread may exit between the listing and the read.
+        let Ok(text) = fs::read_to_string(&path) else {
+            continue;
+        };
+        let first = text
+            .split_whitespace()
+            .next()
+            .with_context(|| format!("empty {}", path.display()))?;
+        total += first.parse::<u64>()?;
+    }
+    Ok(total)
+}
+
 /// cutime + cstime of this process: CPU time of children already reaped.
 /// Read around a wrk/iperf3 run, it gives the load generator's CPU time.
 pub fn reaped_children_ticks() -> Result<u64> {

@@ -13,6 +13,15 @@ pub fn median(samples: &[f64]) -> f64 {
     }
 }
 
+/// The `p`-th percentile (0–100) of `samples` (not empty), nearest rank:
+/// the smallest sample with at least p % of the samples at or below it.
+pub fn percentile(samples: &[f64], p: f64) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 pub fn format_value(value: Option<f64>, decimals: usize) -> String {
     match value {
         Some(v) => format!("{v:.decimals$}"),

@@ -28,8 +28,23 @@ pub struct HttpResult {
 /// carries `Connection: close`, so each one is a fresh TCP connection (and,
 /// over https, a new TLS session, which wrk resumes when it can).
 pub fn wrk(url: &str, secs: u64, close: bool) -> Result<HttpResult> {
+    wrk_connections(url, secs, 50, close)
+}
+
+/// `wrk` with `connections` instead of 50 (still one thread).
+pub fn wrk_connections(
+    url: &str,
+    secs: u64,
+    connections: usize,
+    close: bool,
+) -> Result<HttpResult> {
     let mut cmd = Command::new(path_of("wrk"));
-    cmd.args(["-t1", "-c50", &format!("-d{secs}s"), "--latency"]);
+    cmd.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{secs}s"),
+        "--latency",
+    ]);
     if close {
         cmd.args(["-H", "Connection: close"]);
     }
