@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Route `/api/v1/` of an offload listener to it (`module = "devices"`)
-//! with `client_auth = "optional"` and `client_ca = "<data_dir>/devices/device-ca.pem"`.
+//! with `client_auth = "optional"` and `client_ca = "module:devices"`: the
+//! listener then trusts the module's CA and refuses the devices it revokes
+//! at the handshake (a path to `<data_dir>/devices/device-ca.pem` trusts
+//! the CA without the revocations).
 
 pub mod admin;
 pub mod api;
