@@ -34,7 +34,8 @@ enum Command {
         #[arg(short, long, default_value = "conf/fleetgate.toml")]
         config: PathBuf,
     },
-    /// Validate a configuration file: prints `ok`, or the error and exits 1.
+    /// Validate a configuration file: prints `ok` and what a first start
+    /// will create, or the error and exits 1. Writes nothing.
     Check {
         #[arg(short, long, default_value = "conf/fleetgate.toml")]
         config: PathBuf,
@@ -69,8 +70,14 @@ enum TokenCommand {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => match config::load(&config) {
-            Ok(_) => {
+            Ok(plan) => {
                 println!("ok");
+                if !plan.first_start.is_empty() {
+                    println!("will create on first start:");
+                    for line in plan.first_start.describe() {
+                        println!("  {line}");
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

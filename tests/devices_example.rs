@@ -90,6 +90,7 @@ async fn the_factory_checks_its_table() {
     let env = fleetgate::module::ModuleEnv {
         name: "hi".into(),
         data_dir: std::env::temp_dir(),
+        revocations: Default::default(),
     };
     let bad: toml::Value = toml::from_str("greeting = \"\"").unwrap();
     assert!((hello_module::factory())(&bad, &env).await.is_err());

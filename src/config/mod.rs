@@ -2,6 +2,7 @@
 
 pub mod duration;
 pub mod error;
+mod first_start;
 pub mod locate;
 pub mod plan;
 mod proxy_protocol;
@@ -12,6 +13,7 @@ pub mod validate;
 use std::path::Path;
 
 pub use error::ConfigError;
+pub use first_start::FirstStart;
 pub use plan::*;
 
 /// Read, parse and validate a configuration file, knowing the built-in
@@ -23,14 +25,31 @@ pub fn load(path: &Path) -> Result<Plan, ConfigError> {
 /// Like `load`, with the module kinds of `modules` (for programs that
 /// embed fleetgate and register their own).
 pub fn load_with(path: &Path, modules: &crate::module::Registry) -> Result<Plan, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let text = read(path)?;
+    parse_with(&text, path, modules)
+}
+
+/// Read and validate the configuration of a running process again (a
+/// reload): the new plan shares the running plan's module state (the
+/// revocation lists that its listeners consult). Writes nothing; the
+/// caller writes `first_start` before applying the plan.
+pub fn load_next(
+    path: &Path,
+    modules: &crate::module::Registry,
+    running: &Plan,
+) -> Result<Plan, ConfigError> {
+    let text = read(path)?;
+    parse_impl(&text, path, modules, Some(running))
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|e| ConfigError {
         file: path.to_path_buf(),
         line: 0,
         column: 0,
         key: String::new(),
         message: format!("cannot read the file: {e}"),
-    })?;
-    parse_with(&text, path, modules)
+    })
 }
 
 /// Parse and validate configuration text; `path` is used in errors.
@@ -42,6 +61,15 @@ pub fn parse_with(
     text: &str,
     path: &Path,
     modules: &crate::module::Registry,
+) -> Result<Plan, ConfigError> {
+    parse_impl(text, path, modules, None)
+}
+
+fn parse_impl(
+    text: &str,
+    path: &Path,
+    modules: &crate::module::Registry,
+    running: Option<&Plan>,
 ) -> Result<Plan, ConfigError> {
     let de = toml::Deserializer::new(text);
     let file: schema::File = serde_path_to_error::deserialize(de).map_err(|e| {
@@ -67,7 +95,7 @@ pub fn parse_with(
         )
     })?;
     let kinds: Vec<&str> = modules.kinds().collect();
-    validate::validate(file, path, &kinds).map_err(|e| {
+    validate::validate(file, path, &kinds, running).map_err(|e| {
         let offset = locate::offset_of(text, &e.path);
         at(text, path, offset, error::path_string(&e.path), e.message)
     })

@@ -27,6 +27,9 @@ pub struct Plan {
     pub discovery: Option<DiscoveryPlan>,
     /// `None`: the default reserve (see `shortage::set_reserve`).
     pub descriptor_reserve: Option<u64>,
+    /// Files this plan's TLS configs hold in memory that are not on disk
+    /// yet; the runtime writes them when it starts.
+    pub first_start: super::FirstStart,
 }
 
 #[derive(Debug, Clone)]
@@ -55,11 +58,21 @@ impl DiscoveryPlan {
 }
 
 /// An in-process module: built once at start from its own TOML table.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ModulePlan {
     pub name: String,
     pub kind: String,
     pub config: toml::Value,
+    /// Shared with the listeners whose `client_ca` is this module's CA;
+    /// handed to the module at start (`ModuleEnv::revocations`).
+    pub revocations: crate::tls::revocation::RevocationList,
+}
+
+/// Two module plans are the same configuration whatever their lists hold.
+impl PartialEq for ModulePlan {
+    fn eq(&self, other: &ModulePlan) -> bool {
+        self.name == other.name && self.kind == other.kind && self.config == other.config
+    }
 }
 
 impl Plan {

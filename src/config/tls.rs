@@ -1,6 +1,8 @@
 //! Build the TLS parts of a plan (server and upstream rustls configs)
 //! from the file's tables: certificates are loaded and checked at
 //! validation time, so `fleetgate check` catches a bad key or CA.
+//! Validation writes nothing: a certificate or CA that a first start
+//! creates is made in memory here and written by `FirstStart::create`.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -8,10 +10,13 @@ use std::sync::Arc;
 use super::error::{Seg, SemanticError};
 use super::schema;
 use super::validate::Env;
+use crate::module::devices::ca::DeviceCa;
 use crate::tls::revocation::RevocationList;
 use crate::tls::server::{build_server_config, ClientAuth, ServerTlsOptions, SniCert};
 use crate::tls::upstream::{UpstreamTls, UpstreamTlsOptions};
 use crate::tls::{certs, MinVersion};
+use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+use rustls::RootCertStore;
 
 fn at(path: &[Seg], key: &str) -> Vec<Seg> {
     let mut p = path.to_vec();
@@ -34,12 +39,12 @@ fn min_version(v: &Option<String>, path: &[Seg]) -> Result<MinVersion, SemanticE
 /// check after each handshake when its client CA is a module's.
 pub fn server(
     t: &schema::ListenerTls,
-    env: &Env,
+    env: &mut Env,
     path: Vec<Seg>,
 ) -> Result<(Arc<rustls::ServerConfig>, Option<RevocationList>), SemanticError> {
     let err = |key: &str, e: String| SemanticError::new(at(&path, key), e);
     let default = if t.cert == "auto" {
-        auto_cert(t, env.data_dir).map_err(|e| err("cert", e))?
+        auto_cert(t, env).map_err(|e| err("cert", e))?
     } else {
         let Some(key) = &t.key else {
             return Err(err(
@@ -73,16 +78,15 @@ pub fn server(
     let mut revocation = None;
     match &t.client_ca {
         Some(ca) => {
-            let file = match ca.strip_prefix("module:") {
+            let roots = match ca.strip_prefix("module:") {
                 Some(name) => {
-                    let (file, list) = module_ca(name, env).map_err(|e| err("client_ca", e))?;
+                    let (roots, list) = module_ca(name, env).map_err(|e| err("client_ca", e))?;
                     revocation = Some(list);
-                    file
+                    roots
                 }
-                None => env.base.join(ca),
+                None => certs::load_ca_bundle(&env.base.join(ca))
+                    .map_err(|e| err("client_ca", e.to_string()))?,
             };
-            let roots =
-                certs::load_ca_bundle(&file).map_err(|e| err("client_ca", e.to_string()))?;
             opts.client_ca = Some(Arc::new(roots));
             opts.revocation = revocation.clone();
         }
@@ -105,27 +109,47 @@ pub fn server(
     Ok((config, revocation))
 }
 
-/// `cert = "auto"`: a self-signed certificate in the data directory, made
-/// on first start so that a fresh install serves TLS at once.
+/// `cert = "auto"`: a self-signed certificate in the data directory, so
+/// that a fresh install serves TLS at once. Read when it exists; otherwise
+/// made in memory and left for the first start to write.
 fn auto_cert(
     t: &schema::ListenerTls,
-    data_dir: &Path,
+    env: &mut Env,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let cert = data_dir.join("server.pem");
-    let key = data_dir.join("server.key");
-    if !cert.exists() || !key.exists() {
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| format!("creating {}: {e}", data_dir.display()))?;
-        let fingerprint =
-            certs::generate_self_signed(&t.auto_names, &cert, &key).map_err(|e| e.to_string())?;
-        tracing::warn!(cert = %cert.display(), sha256 = %fingerprint, "created a self-signed server certificate (cert = \"auto\"); replace it with one devices trust");
+    let cert = env.data_dir.join("server.pem");
+    let key = env.data_dir.join("server.key");
+    if cert.exists() && key.exists() {
+        return certs::load_certified_key(&cert, &key).map_err(|e| e.to_string());
     }
-    certs::load_certified_key(&cert, &key).map_err(|e| e.to_string())
+    let pair = match env.first_start.planned_auto_cert(&cert) {
+        // Another listener already planned it: one certificate for both.
+        Some(pair) => pair.clone(),
+        None => {
+            let pair = certs::self_signed(&t.auto_names).map_err(|e| e.to_string())?;
+            env.first_start
+                .auto_cert(env.data_dir, &cert, &key, pair.clone());
+            pair
+        }
+    };
+    certified_key_from_pem(&pair.cert_pem, &pair.key_pem, &cert, &key)
+}
+
+fn certified_key_from_pem(
+    cert_pem: &str,
+    key_pem: &str,
+    cert: &Path,
+    key: &Path,
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    let chain = certs::parse_certs_pem(cert_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let der = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    certs::certified_key(chain, der, cert, key).map_err(|e| e.to_string())
 }
 
 /// `client_ca = "module:NAME"`: the device CA of the devices module NAME
-/// (created on first start), and its shared revocation list.
-fn module_ca(name: &str, env: &Env) -> Result<(std::path::PathBuf, RevocationList), String> {
+/// as trust anchors, and the module's revocation list. The CA is read
+/// when it exists; otherwise made in memory and left for the first start
+/// to write, before the module starts and would make its own.
+fn module_ca(name: &str, env: &mut Env) -> Result<(RootCertStore, RevocationList), String> {
     let Some(m) = env.modules.iter().find(|m| m.name == name) else {
         return Err(format!(
             "no module named {name:?} (configure it in a [module.{name}] table)"
@@ -137,21 +161,37 @@ fn module_ca(name: &str, env: &Env) -> Result<(std::path::PathBuf, RevocationLis
             m.kind
         ));
     }
+    let revocations = m.revocations.clone();
     let dir = env.data_dir.join(name);
+    let cert_pem = match env.first_start.planned_device_ca(&dir) {
+        Some(ca) => ca.cert_pem.clone(),
+        None => match DeviceCa::load(&dir).map_err(|e| format!("{e:#}"))? {
+            Some(ca) => ca.cert_pem,
+            None => {
+                let ca = DeviceCa::generate(name).map_err(|e| format!("{e:#}"))?;
+                let pem = ca.cert_pem.clone();
+                env.first_start.device_ca(name, &dir, Arc::new(ca));
+                pem
+            }
+        },
+    };
+    let mut roots = RootCertStore::empty();
+    let (file, _) = crate::module::devices::ca::paths(&dir);
+    for (i, cert) in certs::parse_certs_pem(cert_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", file.display()))?
+        .into_iter()
+        .enumerate()
     {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        roots.add(cert).map_err(|source| {
+            crate::tls::TlsError::BadCa {
+                path: file.clone(),
+                index: i + 1,
+                source,
+            }
+            .to_string()
+        })?;
     }
-    crate::module::devices::ca::DeviceCa::load_or_create(&dir, name)
-        .map_err(|e| format!("{e:#}"))?;
-    Ok((
-        dir.join(crate::module::devices::ca::CA_CERT_FILE),
-        crate::module::revocations(name),
-    ))
+    Ok((roots, revocations))
 }
 
 /// The re-encryption config of a pool.

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::error::{Seg, SemanticError};
+use super::first_start::FirstStart;
 use super::plan::*;
 use super::schema::{self, File};
 use crate::acl::Acl;
@@ -13,7 +14,16 @@ use crate::key_path;
 /// Upper bound on a backend weight: keeps the round-robin schedule small.
 pub use crate::balance::MAX_WEIGHT;
 
-pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, SemanticError> {
+/// `running`: the plan of the process being reloaded, whose modules keep
+/// their revocation lists (a first load or a check makes new ones).
+/// Reads files (certificates, keys, tokens) but never writes: what a
+/// first start must create is returned in `Plan::first_start`.
+pub fn validate(
+    file: File,
+    source: &Path,
+    kinds: &[&str],
+    running: Option<&Plan>,
+) -> Result<Plan, SemanticError> {
     // Relative file names (certificates, keys) are relative to the
     // configuration file, as in nginx and HAProxy.
     let base = source.parent().unwrap_or(Path::new("."));
@@ -74,18 +84,26 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
                 ),
             ));
         }
+        // The module and the listeners trusting its CA share this list:
+        // the running module's on a reload, a new one otherwise.
+        let revocations = running
+            .and_then(|r| r.modules.iter().find(|m| &m.name == name))
+            .map(|m| m.revocations.clone())
+            .unwrap_or_default();
         modules.push(ModulePlan {
             name: name.clone(),
             kind,
             config: table.clone(),
+            revocations,
         });
     }
     let module_names: HashSet<String> = file.module.keys().cloned().collect();
     let data_dir = base.join(&file.global.data_dir);
-    let env = Env {
+    let mut env = Env {
         base,
         data_dir: &data_dir,
         modules: &modules,
+        first_start: FirstStart::default(),
     };
 
     let mut listeners = Vec::new();
@@ -126,7 +144,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
                 "idle_timeout must be greater than zero",
             ));
         }
-        let mode = mode(&l, i, &pool_names, &module_names, &env)?;
+        let mode = mode(&l, i, &pool_names, &module_names, &mut env)?;
         let proxy_protocol = super::proxy_protocol::accept(&l, i)?;
         listeners.push(ListenerPlan {
             proxy_protocol,
@@ -167,6 +185,7 @@ pub fn validate(file: File, source: &Path, kinds: &[&str]) -> Result<Plan, Seman
         modules: modules.clone(),
         discovery,
         descriptor_reserve: file.global.descriptor_reserve,
+        first_start: env.first_start,
     })
 }
 
@@ -379,7 +398,7 @@ fn mode(
     i: usize,
     pools: &HashSet<String>,
     modules: &HashSet<String>,
-    env: &Env,
+    env: &mut Env,
 ) -> Result<ListenerMode, SemanticError> {
     only_in(l, i)?;
     let default_pool = match &l.pool {
@@ -430,7 +449,7 @@ fn offload(
     pools: &HashSet<String>,
     modules: &HashSet<String>,
     default_pool: Option<String>,
-    env: &Env,
+    env: &mut Env,
 ) -> Result<OffloadPlan, SemanticError> {
     let Some(tls) = &l.tls else {
         return Err(SemanticError::new(
@@ -674,6 +693,8 @@ pub struct Env<'a> {
     pub base: &'a Path,
     pub data_dir: &'a Path,
     pub modules: &'a [ModulePlan],
+    /// Files the listeners need that a first start will write.
+    pub first_start: FirstStart,
 }
 
 fn discovery(d: &schema::Discovery, base: &Path) -> Result<DiscoveryPlan, SemanticError> {

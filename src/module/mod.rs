@@ -72,6 +72,12 @@ pub struct ModuleEnv {
     pub name: String,
     /// Directory for the module's own files (`global.data_dir`/NAME).
     pub data_dir: PathBuf,
+    /// The certificates this module revokes. Offload listeners whose
+    /// `client_ca` is `module:NAME` check every handshake against this
+    /// same list (validation hands it to them; a reload keeps it), so a
+    /// module that issues client certificates keeps it up to date. Other
+    /// modules leave it alone.
+    pub revocations: crate::tls::revocation::RevocationList,
 }
 
 /// Builds a module from its TOML table. An error names what is wrong; the
@@ -81,23 +87,6 @@ pub type Factory = Arc<
         + Send
         + Sync,
 >;
-
-/// The revocation list of the module called `name`, shared by the module
-/// (which revokes devices) and every offload listener whose `client_ca`
-/// is that module's CA (which refuses them, on full and resumed
-/// handshakes). The same name always gives the same list.
-pub fn revocations(name: &str) -> crate::tls::revocation::RevocationList {
-    use std::sync::{Mutex, OnceLock};
-    static LISTS: OnceLock<Mutex<BTreeMap<String, crate::tls::revocation::RevocationList>>> =
-        OnceLock::new();
-    LISTS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .entry(name.to_string())
-        .or_default()
-        .clone()
-}
 
 /// Module kinds by name. `fleetgate run` registers the built-in ones; a
 /// program embedding fleetgate can register its own.

@@ -89,6 +89,7 @@ impl Runtime {
         metrics: Arc<Metrics>,
         registry: &Registry,
     ) -> anyhow::Result<Arc<Runtime>> {
+        plan.first_start.create()?;
         let mut modules = HashMap::new();
         for m in &plan.modules {
             let factory = registry
@@ -97,6 +98,7 @@ impl Runtime {
             let env = ModuleEnv {
                 name: m.name.clone(),
                 data_dir: plan.data_dir.join(&m.name),
+                revocations: m.revocations.clone(),
             };
             let module = factory(&m.config, &env)
                 .await
@@ -162,9 +164,12 @@ impl Runtime {
     /// Re-read the configuration file; on any error the running plan stays.
     pub fn reload(&self) -> anyhow::Result<()> {
         let path = self.plan().source.clone();
-        let result = config::load_with(&path, &self.registry)
+        let result = config::load_next(&path, &self.registry, &self.plan())
             .map_err(anyhow::Error::from)
-            .and_then(|plan| self.apply(plan));
+            .and_then(|plan| {
+                plan.first_start.create()?;
+                self.apply(plan)
+            });
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.reloads.with_label_values(&[label]).inc();
         result

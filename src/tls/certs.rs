@@ -155,15 +155,27 @@ pub fn dns_names(cert_der: &[u8]) -> Vec<String> {
 /// no one by default anyway.
 const SELF_SIGNED_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
+/// A self-signed certificate and its key, as PEM, not yet written.
+#[derive(Clone)]
+pub struct SelfSigned {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// SHA-256 of the certificate in lowercase hex, for the operator to pin
+    /// or compare.
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for SelfSigned {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfSigned")
+            .field("fingerprint", &self.fingerprint)
+            .finish_non_exhaustive()
+    }
+}
+
 /// Generate an ECDSA P-256 key and a self-signed server certificate for
-/// `names` (DNS names or IP addresses; `localhost` when empty), write them
-/// as PEM (the key with mode 0600), and return the certificate's SHA-256
-/// fingerprint in lowercase hex for the operator to pin or compare.
-pub fn generate_self_signed(
-    names: &[String],
-    cert_path: &Path,
-    key_path: &Path,
-) -> Result<String, TlsError> {
+/// `names` (DNS names or IP addresses; `localhost` when empty), in memory.
+pub fn self_signed(names: &[String]) -> Result<SelfSigned, TlsError> {
     let names: Vec<String> = if names.is_empty() {
         vec!["localhost".to_string()]
     } else {
@@ -186,9 +198,21 @@ pub fn generate_self_signed(
     params.not_before = epoch + start;
     params.not_after = epoch + now + SELF_SIGNED_VALIDITY;
     let cert = params.self_signed(&key)?;
+    Ok(SelfSigned {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        fingerprint: forward::sha256_fingerprint(cert.der()),
+    })
+}
 
-    let key_tmp = write_temp(key_path, key.serialize_pem().as_bytes(), 0o600)?;
-    let cert_tmp = match write_temp(cert_path, cert.pem().as_bytes(), 0o644) {
+/// Write a pair as PEM files, the key with mode 0600, each atomically.
+pub fn write_self_signed(
+    pair: &SelfSigned,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(), TlsError> {
+    let key_tmp = write_temp(key_path, pair.key_pem.as_bytes(), 0o600)?;
+    let cert_tmp = match write_temp(cert_path, pair.cert_pem.as_bytes(), 0o644) {
         Ok(tmp) => tmp,
         Err(e) => {
             let _ = std::fs::remove_file(&key_tmp);
@@ -196,8 +220,19 @@ pub fn generate_self_signed(
         }
     };
     std::fs::rename(&key_tmp, key_path).map_err(|e| TlsError::io(key_path, e))?;
-    std::fs::rename(&cert_tmp, cert_path).map_err(|e| TlsError::io(cert_path, e))?;
-    Ok(forward::sha256_fingerprint(cert.der()))
+    std::fs::rename(&cert_tmp, cert_path).map_err(|e| TlsError::io(cert_path, e))
+}
+
+/// `self_signed`, written to `cert_path` and `key_path`; returns the
+/// certificate's fingerprint.
+pub fn generate_self_signed(
+    names: &[String],
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<String, TlsError> {
+    let pair = self_signed(names)?;
+    write_self_signed(&pair, cert_path, key_path)?;
+    Ok(pair.fingerprint)
 }
 
 /// Write next to `path` so that the rename into place is atomic.

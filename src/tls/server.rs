@@ -269,24 +269,8 @@ fn valid_name(name: &str) -> bool {
 
 impl ResolvesServerCert for SniResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = client_hello.server_name();
-        RESOLVED_SNI.set(name.map(str::to_ascii_lowercase));
-        Some(self.pick(name).clone())
+        Some(self.pick(client_hello.server_name()).clone())
     }
-}
-
-thread_local! {
-    /// The server name of the ClientHello this thread resolved last.
-    static RESOLVED_SNI: std::cell::Cell<Option<String>> = const { std::cell::Cell::new(None) };
-}
-
-/// The SNI of the handshake that [`SniResolver`] just served on this
-/// thread. rustls' unbuffered server connection (see `server_stream`) does
-/// not expose the name, and the resolver is called synchronously from
-/// within the call that processes the ClientHello, so the stream takes it
-/// from here right after that call.
-pub(crate) fn take_resolved_sni() -> Option<String> {
-    RESOLVED_SNI.take()
 }
 
 #[cfg(test)]

@@ -103,8 +103,6 @@ impl ServerStream {
         hello_max_bytes: usize,
     ) -> io::Result<ServerStream> {
         let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
-        // A name left by a connection whose handshake stopped early.
-        crate::tls::server::take_resolved_sni();
         let mut s = ServerStream {
             tcp,
             conn,
@@ -117,13 +115,10 @@ impl ServerStream {
             close_sent: false,
             sni: None,
         };
-        s.receive_hello(hello_max_bytes).await?;
+        s.sni = s.receive_hello(hello_max_bytes).await?;
         loop {
             let mut input = std::mem::take(&mut s.incoming);
             let ran = s.run(&mut input, Want::Read(None));
-            if let Some(name) = crate::tls::server::take_resolved_sni() {
-                s.sni = Some(name);
-            }
             let used = match ran {
                 Ok((used, _)) => used,
                 Err(failed) => {
@@ -167,12 +162,15 @@ impl ServerStream {
     /// keeps a partial one in the caller's buffer: without this a client
     /// could make a connection hold up to 64 KiB per handshake message for
     /// the whole handshake timeout.
-    async fn receive_hello(&mut self, max: usize) -> io::Result<()> {
+    ///
+    /// Returns the hello's server name: the one rustls chooses the
+    /// certificate by (rustls' unbuffered connection does not tell it).
+    async fn receive_hello(&mut self, max: usize) -> io::Result<Option<String>> {
         let max = max.max(RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN);
         loop {
             match hello_state(&self.incoming, max) {
-                Ok(true) => return Ok(()),
-                Ok(false) => {}
+                Ok(Hello::Complete { sni }) => return Ok(sni),
+                Ok(Hello::Incomplete) => {}
                 Err(e) => {
                     // Best effort: the connection is dropped either way.
                     let _ = self.tcp.try_write(&ALERT_DECODE_ERROR);
@@ -530,18 +528,30 @@ impl From<Failed> for io::Error {
     }
 }
 
-/// Whether the ClientHello at the start of `incoming` can go to rustls:
-/// `Ok(true)` once it is complete, or when the bytes are not a ClientHello
-/// at all (rustls refuses those with the right alert); `Ok(false)` while
-/// more must arrive. A hello that declares more than `max` bytes, or has
-/// taken `max` bytes of records without ending, is too large.
-fn hello_state(incoming: &[u8], max: usize) -> Result<bool, HelloError> {
+/// Where the ClientHello at the start of a connection stands.
+#[derive(Debug, PartialEq, Eq)]
+enum Hello {
+    /// More bytes must arrive.
+    Incomplete,
+    /// It can go to rustls. `sni` is its server name, lowercased, as
+    /// rustls reads it: an IP address is no name, a name that is not a
+    /// DNS name is refused by rustls itself. Bytes that are not a
+    /// well-formed ClientHello also go to rustls, which refuses them with
+    /// the right alert, and have no name (the one such hello rustls
+    /// accepts is a name with a trailing dot, which RFC 6066 forbids).
+    Complete { sni: Option<String> },
+}
+
+/// Whether the ClientHello at the start of `incoming` is complete. A hello
+/// that declares more than `max` bytes, or has taken `max` bytes of
+/// records without ending, is too large.
+fn hello_state(incoming: &[u8], max: usize) -> Result<Hello, HelloError> {
     match client_hello::parse_with_limit(incoming, max) {
-        Ok(Parsed::Hello(_)) => Ok(true),
+        Ok(Parsed::Hello(info)) => Ok(Hello::Complete { sni: info.sni }),
         Ok(Parsed::NeedMore) if incoming.len() >= max => Err(HelloError::TooLarge { limit: max }),
-        Ok(Parsed::NeedMore) => Ok(false),
+        Ok(Parsed::NeedMore) => Ok(Hello::Incomplete),
         Err(e @ HelloError::TooLarge { .. }) => Err(e),
-        Err(_) => Ok(true),
+        Err(_) => Ok(Hello::Complete { sni: None }),
     }
 }
 
@@ -785,6 +795,52 @@ mod tests {
         assert_eq!(s.incoming.capacity(), 0);
         assert_eq!(s.plain.capacity(), 0);
         assert_eq!(s.outgoing.capacity(), 0);
+    }
+
+    /// The name comes from the ClientHello as fleetgate parsed it before
+    /// rustls saw it: lowercased, and none when the client sends none, on
+    /// full and resumed handshakes alike.
+    #[tokio::test]
+    async fn the_server_name_is_the_hellos() {
+        use rustls::HandshakeKind;
+        let Setup { server, client } = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        let mut no_sni = ClientConfig::clone(&client);
+        no_sni.enable_sni = false;
+        let no_sni = Arc::new(no_sni);
+        let (l, addr) = listen().await;
+        for (config, name, want, kind) in [
+            (
+                client.clone(),
+                "API.Test",
+                Some("api.test"),
+                HandshakeKind::Full,
+            ),
+            (
+                client.clone(),
+                "api.test",
+                Some("api.test"),
+                HandshakeKind::Resumed,
+            ),
+            (no_sni.clone(), "api.test", None, HandshakeKind::Full),
+            (no_sni, "api.test", None, HandshakeKind::Resumed),
+        ] {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            let name = ServerName::try_from(name).unwrap();
+            let client = tokio::spawn(tokio_rustls::TlsConnector::from(config).connect(name, tcp));
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut s = ServerStream::accept(tcp, server.clone(), HELLO_MAX)
+                .await
+                .unwrap();
+            assert_eq!(s.server_name(), want);
+            assert_eq!(s.session().handshake_kind(), Some(kind), "{want:?}");
+            let mut c = client.await.unwrap().unwrap();
+            // Reading lets the client take in its session ticket, so the
+            // next connection with this config resumes.
+            s.write_all(b"x").await.unwrap();
+            let mut one = [0u8; 1];
+            c.read_exact(&mut one).await.unwrap();
+            assert_eq!(s.take_server_name().as_deref(), want);
+        }
     }
 
     #[tokio::test]

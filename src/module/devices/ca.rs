@@ -57,6 +57,18 @@ pub enum CsrError {
 impl DeviceCa {
     /// Load the CA from `dir`, creating it (key 0600) if there is none.
     pub fn load_or_create(dir: &Path, module: &str) -> anyhow::Result<DeviceCa> {
+        if let Some(ca) = DeviceCa::load(dir)? {
+            return Ok(ca);
+        }
+        let ca = DeviceCa::generate(module)?;
+        ca.save(dir)?;
+        tracing::info!(path = %dir.join(CA_CERT_FILE).display(), "devices: created the device CA");
+        Ok(ca)
+    }
+
+    /// Load the CA from `dir`; `None` when there is none yet. Reads only,
+    /// so that checking a configuration never writes.
+    pub fn load(dir: &Path) -> anyhow::Result<Option<DeviceCa>> {
         let (cert_path, key_path) = paths(dir);
         match (cert_path.exists(), key_path.exists()) {
             (true, true) => {
@@ -64,14 +76,10 @@ impl DeviceCa {
                     .with_context(|| format!("reading {}", cert_path.display()))?;
                 let key_pem = files::read_private(&key_path)?;
                 DeviceCa::from_pem(&cert_pem, &key_pem)
+                    .map(Some)
                     .with_context(|| format!("loading the device CA from {}", dir.display()))
             }
-            (false, false) => {
-                let ca = DeviceCa::generate(module)?;
-                ca.save(dir)?;
-                tracing::info!(path = %cert_path.display(), "devices: created the device CA");
-                Ok(ca)
-            }
+            (false, false) => Ok(None),
             // Half a CA: do not silently replace it (devices enrolled with
             // the old one would all be locked out).
             _ => anyhow::bail!(
@@ -195,7 +203,8 @@ impl DeviceCa {
     }
 }
 
-fn paths(dir: &Path) -> (PathBuf, PathBuf) {
+/// The certificate and key files of the CA kept in `dir`.
+pub fn paths(dir: &Path) -> (PathBuf, PathBuf) {
     (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE))
 }
 

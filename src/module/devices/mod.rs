@@ -12,7 +12,10 @@
 //! ```
 //!
 //! Route `/api/v1/` of an offload listener to it (`module = "devices"`)
-//! with `client_auth = "optional"` and `client_ca = "<data_dir>/devices/device-ca.pem"`.
+//! with `client_auth = "optional"` and `client_ca = "module:devices"`: the
+//! listener then trusts the module's CA and refuses the devices it revokes
+//! at the handshake (a path to `<data_dir>/devices/device-ca.pem` trusts
+//! the CA without the revocations).
 
 pub mod admin;
 pub mod api;
@@ -38,7 +41,6 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use crate::module::{Body, BoxFuture, Factory, Module, RequestContext};
-use crate::tls::revocation::RevocationList;
 pub use service::Devices;
 
 /// The module object the runtime holds.
@@ -73,22 +75,17 @@ impl Module for DevicesModule {
     }
 }
 
-/// The factory for `kind = "devices"`.
+/// The factory for `kind = "devices"`. The module keeps `env.revocations`
+/// up to date with the devices that are revoked, so that an offload
+/// listener trusting its CA refuses them at the handshake.
 pub fn factory() -> Factory {
-    factory_with_revocations(RevocationList::new())
-}
-
-/// Like `factory`, keeping `revocations` up to date with the devices that
-/// are revoked, so that an offload listener verifying client certificates
-/// with the same list refuses them at the handshake.
-pub fn factory_with_revocations(revocations: RevocationList) -> Factory {
     Arc::new(move |value, env| {
-        let revocations = revocations.clone();
         let value = value.clone();
         let env = env.clone();
         Box::pin(async move {
             let config = config::DevicesConfig::parse(&value)?;
-            let devices = Devices::start(&env.name, config, &env.data_dir, revocations).await?;
+            let devices =
+                Devices::start(&env.name, config, &env.data_dir, env.revocations.clone()).await?;
             Ok(Arc::new(DevicesModule { devices }) as Arc<dyn Module>)
         })
     })
