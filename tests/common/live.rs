@@ -243,7 +243,7 @@ impl LiveLb {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// The sum of every `fleetgate_backend_connect_seconds_count` series of
+    /// The sum of every `fleetgate_backend_connect_duration_seconds_count` series of
     /// pool `pool` (a histogram's count: one per upstream connect).
     pub fn connects(&self, pool: &str) -> f64 {
         connect_counts(&self.lb.metrics(), pool).values().sum()
@@ -258,11 +258,11 @@ impl Drop for LiveLb {
     }
 }
 
-/// `fleetgate_backend_connect_seconds_count` of pool `pool`, by backend.
+/// `fleetgate_backend_connect_duration_seconds_count` of pool `pool`, by backend.
 pub fn connect_counts(metrics: &str, pool: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("fleetgate_backend_connect_seconds_count{") else {
+        let Some(rest) = line.strip_prefix("fleetgate_backend_connect_duration_seconds_count{") else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
