@@ -134,7 +134,10 @@ greeting = "moin"
         .unwrap();
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    assert_eq!((&v["greeting"], &v["route"]), (&"moin".into(), &"second-route".into()));
+    assert_eq!(
+        (&v["greeting"], &v["route"]),
+        (&"moin".into(), &"second-route".into())
+    );
     let (status, body) = https_get(front, "localhost", tls, "/first", &[])
         .await
         .unwrap();
@@ -143,7 +146,10 @@ greeting = "moin"
         .await
         .unwrap()
         .unwrap();
-    assert!(resp.contains("\"served\":4"), "the module was replaced: {resp}");
+    assert!(
+        resp.contains("\"served\":4"),
+        "the module was replaced: {resp}"
+    );
     serving.abort();
 }
 

@@ -15,8 +15,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use common::discovery::ms;
-use common::live::*;
 use common::http_ask;
+use common::live::*;
 use fleetgate::discovery::{Announcer, NodeState};
 
 const INTERVAL: Duration = Duration::from_millis(200);
@@ -67,7 +67,8 @@ fn established_clients_follow(out: Out) {
         Duration::from_millis(2),
     );
     assert!(
-        within(Duration::from_secs(5), || a.requests() > 0 && b.requests() > 0),
+        within(Duration::from_secs(5), || a.requests() > 0
+            && b.requests() > 0),
         "round robin should use both nodes: {:?}",
         load.by_id()
     );
@@ -84,7 +85,8 @@ fn established_clients_follow(out: Out) {
     }
     let w = window(&[&a, &b]);
     assert_eq!(
-        w["b"], 0,
+        w["b"],
+        0,
         "node-b went {out:?}, yet {} requests on the clients' established connections reached \
          it in {WINDOW:?} starting {} ms after the change (a served {})",
         w["b"],
@@ -115,7 +117,11 @@ fn established_clients_follow(out: Out) {
         w["a"],
         w["c"]
     );
-    assert!(summary.errors.is_empty(), "client errors: {:?}", summary.errors);
+    assert!(
+        summary.errors.is_empty(),
+        "client errors: {:?}",
+        summary.errors
+    );
     assert_eq!(
         summary.reconnects, 0,
         "clients had to reconnect: the requests did not all come from the first connections"
@@ -148,14 +154,7 @@ fn established_keep_alive_clients_use_an_update_node_only_while_no_normal_node_i
         "{}",
         f.status()
     );
-    let load = KeepAliveLoad::start(
-        &rt,
-        f.web,
-        f.pki.client(),
-        6,
-        "/",
-        Duration::from_millis(2),
-    );
+    let load = KeepAliveLoad::start(&rt, f.web, f.pki.client(), 6, "/", Duration::from_millis(2));
     let w = window(&[&n, &u]);
     assert!(
         w["update"] == 0 && w["normal"] > 0,
@@ -454,10 +453,7 @@ fn discovery_churn_under_keep_alive_load_costs_no_error_and_keeps_upstream_conne
     let stay: Vec<(String, usize, f64)> = backends[..2]
         .iter()
         .map(|b| {
-            let m = by_backend
-                .get(&b.addr.to_string())
-                .copied()
-                .unwrap_or(0.0);
+            let m = by_backend.get(&b.addr.to_string()).copied().unwrap_or(0.0);
             (b.id.clone(), b.connections(), m)
         })
         .collect();
@@ -541,14 +537,7 @@ fn a_backend_taken_out_by_health_checks_stays_out_through_churn_until_rise_probe
         "the backend answering 503 on {HEALTH_PATH} was never taken out: {}",
         f.status()
     );
-    let load = KeepAliveLoad::start(
-        &rt,
-        f.web,
-        f.pki.client(),
-        6,
-        "/",
-        Duration::from_millis(2),
-    );
+    let load = KeepAliveLoad::start(&rt, f.web, f.pki.client(), 6, "/", Duration::from_millis(2));
     // Requests already on their way when it went down may still land.
     thread::sleep(Duration::from_millis(200));
     let sick_served = sick.requests();

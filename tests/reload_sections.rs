@@ -157,7 +157,11 @@ fn twenty_reloads_under_keep_alive_load_keep_200_websockets_and_every_request() 
         summary.reconnects,
         200 - cut.len()
     );
-    assert!(summary.errors.is_empty(), "client errors: {:?}", summary.errors);
+    assert!(
+        summary.errors.is_empty(),
+        "client errors: {:?}",
+        summary.errors
+    );
     assert_eq!(summary.reconnects, 0);
     assert!(cut.is_empty(), "WebSockets cut by reloads: {cut:?}");
     assert_eq!(a.websockets() + b.websockets(), 200);
@@ -169,7 +173,13 @@ fn twenty_reloads_under_keep_alive_load_keep_200_websockets_and_every_request() 
 
 /// An offload listener with static pools `a` and `b`; `routes` are its
 /// route tables.
-fn static_config(pki_dir: &std::path::Path, front: SocketAddr, a: &IdBackend, b: &IdBackend, routes: &str) -> String {
+fn static_config(
+    pki_dir: &std::path::Path,
+    front: SocketAddr,
+    a: &IdBackend,
+    b: &IdBackend,
+    routes: &str,
+) -> String {
     format!(
         r#"[admin]
 bind = "{{admin}}"
@@ -211,7 +221,8 @@ fn a_route_added_by_reload_serves_the_next_request_on_an_established_connection(
     let front = free_addr();
     // Pool b is reached only by a path that is not used below, until the
     // reload routes /new to it.
-    let before = "  [[listener.route]]\n  name = \"other\"\n  path_prefix = \"/other\"\n  pool = \"b\"";
+    let before =
+        "  [[listener.route]]\n  name = \"other\"\n  path_prefix = \"/other\"\n  pool = \"b\"";
     let after = format!(
         "{before}\n\n  [[listener.route]]\n  name = \"new\"\n  path_prefix = \"/new\"\n  pool = \"b\""
     );

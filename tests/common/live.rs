@@ -262,7 +262,8 @@ impl Drop for LiveLb {
 pub fn connect_counts(metrics: &str, pool: &str) -> BTreeMap<String, f64> {
     let mut out = BTreeMap::new();
     for line in metrics.lines() {
-        let Some(rest) = line.strip_prefix("fleetgate_backend_connect_duration_seconds_count{") else {
+        let Some(rest) = line.strip_prefix("fleetgate_backend_connect_duration_seconds_count{")
+        else {
             continue;
         };
         let Some((labels, value)) = rest.rsplit_once("} ") else {
@@ -406,9 +407,8 @@ impl IdBackend {
                     shared.counters.connections.fetch_add(1, Ordering::SeqCst);
                     let (shared, tls) = (shared.clone(), tls.clone());
                     tokio::spawn(async move {
-                        let svc = hyper::service::service_fn(move |req| {
-                            handle(shared.clone(), req)
-                        });
+                        let svc =
+                            hyper::service::service_fn(move |req| handle(shared.clone(), req));
                         let http = hyper::server::conn::http1::Builder::new();
                         match tls {
                             None => {
@@ -487,8 +487,7 @@ async fn handle(s: Arc<Shared>, mut req: Request<Incoming>) -> Result<Answer, In
         let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
             return Ok(text(400, "no key".into()));
         };
-        let accept =
-            tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
         let on = hyper::upgrade::on(&mut req);
         tokio::spawn(async move {
             let Ok(up) = on.await else { return };
@@ -537,7 +536,10 @@ pub async fn connect(front: SocketAddr, tls: Arc<rustls::ClientConfig>) -> std::
 
 /// One GET on an established connection: the body of a 200, else an error.
 pub async fn get(sender: &mut Sender, path: &str) -> Result<String, String> {
-    sender.ready().await.map_err(|e| format!("not ready: {e}"))?;
+    sender
+        .ready()
+        .await
+        .map_err(|e| format!("not ready: {e}"))?;
     let req = Request::get(path)
         .header("host", HOST)
         .body(Empty::new())
@@ -564,7 +566,9 @@ pub async fn get(sender: &mut Sender, path: &str) -> Result<String, String> {
 /// One GET on a new TLS connection to `addr` (SNI `HOST`): the answering
 /// backend's id, or an error text.
 pub async fn get_once(addr: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<String, String> {
-    let mut s = connect(addr, tls).await.map_err(|e| format!("connect: {e}"))?;
+    let mut s = connect(addr, tls)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     get(&mut s, "/").await
 }
 
@@ -714,7 +718,10 @@ pub struct HeldSocket {
 }
 
 impl HeldSocket {
-    pub async fn open(front: SocketAddr, tls: Arc<rustls::ClientConfig>) -> Result<HeldSocket, String> {
+    pub async fn open(
+        front: SocketAddr,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<HeldSocket, String> {
         let s = tls_connect(front, HOST, tls)
             .await
             .map_err(|e| format!("tls: {e}"))?;
@@ -767,7 +774,12 @@ pub fn served_since(
 ) -> BTreeMap<String, usize> {
     backends
         .iter()
-        .map(|b| (b.id.clone(), b.requests() - before.get(&b.id).copied().unwrap_or(0)))
+        .map(|b| {
+            (
+                b.id.clone(),
+                b.requests() - before.get(&b.id).copied().unwrap_or(0),
+            )
+        })
         .collect()
 }
 
