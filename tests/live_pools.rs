@@ -542,13 +542,14 @@ fn a_backend_taken_out_by_health_checks_stays_out_through_churn_until_rise_probe
     thread::sleep(Duration::from_millis(200));
     let sick_served = sick.requests();
 
-    // Other nodes change state every 100 ms (a probe interval): it stays out.
+    // Other nodes change state every 100 ms (a probe interval): it stays
+    // out. n1 stays normal so that the clients always have a backend.
     let mut churners: Vec<Churner> = (0..others.len())
         .map(|_| Churner::new(&[Draining, Normal, Update, Normal]))
         .collect();
     let mut change = 0usize;
     let mut churn_once = || {
-        let i = change % announcers.len();
+        let i = 1 + change % (announcers.len() - 1);
         announcers[i].set_state(churners[i].step());
         change += 1;
         thread::sleep(Duration::from_millis(100));
