@@ -8,10 +8,11 @@ mod common;
 mod hello_module;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use common::pki::{client_config, Ca};
 use common::web::https_get;
-use common::{free_addr, http_get};
+use common::{eventually, free_addr, http_get, metric_value};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outside_module_serves_requests_with_the_client_certificate() {
@@ -43,7 +44,7 @@ greeting = "moin"
 "#
     );
     let path = d.join("fleetgate.toml");
-    std::fs::write(&path, config).unwrap();
+    std::fs::write(&path, &config).unwrap();
     let registry = hello_module::registry();
     let plan =
         fleetgate::config::load_with(&path, &registry).expect("config with kind hello loads");
@@ -83,6 +84,73 @@ greeting = "moin"
         .unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"served\":2"), "{resp}");
+
+    // SIGHUP, handled by the same signal loop `fleetgate run` uses, with a
+    // second route to the module: the reload is counted ok, the new route
+    // answers and the module is the same instance (its count goes on).
+    // The example's own `main` waits only for Ctrl-C.
+    let signals = fleetgate::runtime::Signals::install().unwrap();
+    let serving = tokio::spawn(fleetgate::runtime::serve_until_signalled(
+        rt.clone(),
+        signals,
+    ));
+    let second = "  [[listener.route]]\n  name = \"second-route\"\n  path_prefix = \"/second\"\n  module = \"hi\"\n\n  [[listener.route]]\n  name = \"hello-route\"";
+    let text = config.replacen("  [[listener.route]]\n  name = \"hello-route\"", second, 1);
+    assert_ne!(text, config);
+    std::fs::write(&path, text).unwrap();
+    let reloads = move || {
+        let text = http_get(admin, "/metrics").unwrap_or_default();
+        (
+            metric_value(&text, "fleetgate_config_reloads_total{result=\"ok\"}"),
+            metric_value(&text, "fleetgate_config_reloads_total{result=\"error\"}"),
+        )
+    };
+    let counted = tokio::task::spawn_blocking(move || {
+        let ok = std::process::Command::new("kill")
+            .arg("-HUP")
+            .arg(std::process::id().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -HUP");
+        eventually(Duration::from_secs(5), || {
+            let (ok, error) = reloads();
+            ok + error >= 1.0
+        });
+        reloads()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        counted,
+        (1.0, 0.0),
+        "(ok, error) reloads after one SIGHUP: the reload of a config with module kind \
+         \"hello\" must use the embedder's registry"
+    );
+    assert!(!serving.is_finished());
+    let tls = client_config(&server_ca, Some(&device), &[b"http/1.1"]);
+    let (status, body) = https_get(front, "localhost", tls.clone(), "/second/x", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&v["greeting"], &v["route"]),
+        (&"moin".into(), &"second-route".into())
+    );
+    let (status, body) = https_get(front, "localhost", tls, "/first", &[])
+        .await
+        .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let resp = tokio::task::spawn_blocking(move || http_get(admin, "/modules/hi/"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        resp.contains("\"served\":4"),
+        "the module was replaced: {resp}"
+    );
+    serving.abort();
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@
 
 pub mod devices;
 pub mod discovery;
+pub mod live;
 pub mod pki;
 pub mod web;
 
