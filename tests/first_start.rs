@@ -15,7 +15,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{free_addr, http_get, metric_value};
-use fleetgate::simulate::{Admin, Target, Trust};
+#[path = "../src/cli/simulate/mod.rs"]
+#[allow(dead_code)]
+mod simulate;
+use simulate::{Admin, Target, Trust};
 
 const TIMEOUT: Duration = Duration::from_secs(20);
 
