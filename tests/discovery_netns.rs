@@ -40,7 +40,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::discovery::{generate_token, ms, pool_members, status, status_node, CLUSTER, POOL};
+use common::discovery::{
+    eligible_addrs, generate_token, ms, pool_members, status, status_node, CLUSTER, POOL,
+};
 use common::{http_ask, http_get};
 
 const SUBNET: &str = "198.51.100";
@@ -334,11 +336,10 @@ fn node_state(lb_ns: &str, node: &'static str) -> Option<String> {
 }
 
 /// The pool's backend addresses in a `/status` document, sorted.
+/// The members that take new connections (a draining node stays listed,
+/// resting).
 fn member_addrs(st: &serde_json::Value) -> Vec<String> {
-    let mut v: Vec<String> = pool_members(st, POOL)
-        .iter()
-        .filter_map(|m| m["address"].as_str().map(str::to_string))
-        .collect();
+    let mut v: Vec<String> = eligible_addrs(&pool_members(st, POOL));
     v.sort();
     v
 }

@@ -103,7 +103,11 @@ impl Pool {
     /// Apply a reload: new settings (`None`: keep them) and sources. The
     /// members that stay keep their state; probes restart only when the
     /// health check itself changed.
-    pub fn reconfigure(self: &Arc<Self>, plan: Option<PoolPlan>, sources: Vec<Arc<dyn MemberSource>>) {
+    pub fn reconfigure(
+        self: &Arc<Self>,
+        plan: Option<PoolPlan>,
+        sources: Vec<Arc<dyn MemberSource>>,
+    ) {
         let mut c = self.lock();
         if let Some(plan) = plan {
             if plan.health_check != c.plan.health_check {
@@ -114,9 +118,8 @@ impl Pool {
         let changes: Vec<watch::Receiver<u64>> =
             sources.iter().filter_map(|s| s.changes()).collect();
         c.sources = sources;
-        c.follower = (!changes.is_empty()).then(|| {
-            Task(tokio::spawn(follow(Arc::downgrade(self), changes)))
-        });
+        c.follower = (!changes.is_empty())
+            .then(|| Task(tokio::spawn(follow(Arc::downgrade(self), changes))));
         self.publish(&mut c, true);
     }
 
@@ -175,9 +178,10 @@ impl Pool {
         let members: Vec<Member> = specs
             .iter()
             .map(|s| {
-                let backend = old.remove(&s.addr).cloned().unwrap_or_else(|| {
-                    Arc::new(Backend::new(&self.metrics, &self.name, s.addr))
-                });
+                let backend = old
+                    .remove(&s.addr)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Backend::new(&self.metrics, &self.name, s.addr)));
                 backend.set_in_rotation(s.role != Role::Resting);
                 Member {
                     backend,
@@ -348,9 +352,15 @@ mod tests {
         assert!(!b2.is_up());
 
         announced.set(vec![spec(2, Role::Resting), spec(4, Role::Primary)]);
-        until(&pool, |s| s.members.len() == 3 && s.members[2].backend.addr.port() == 4).await;
+        until(&pool, |s| {
+            s.members.len() == 3 && s.members[2].backend.addr.port() == 4
+        })
+        .await;
         let now = pool.members();
-        assert!(Arc::ptr_eq(&now.members[1].backend, &b2), "node 2 keeps its backend");
+        assert!(
+            Arc::ptr_eq(&now.members[1].backend, &b2),
+            "node 2 keeps its backend"
+        );
         assert!(!b2.is_up(), "and its passive outage");
         assert!(!b2.in_rotation(), "a resting member takes nothing new");
         assert_eq!(now.eligible(), 2);
@@ -370,13 +380,20 @@ mod tests {
     #[tokio::test]
     async fn a_reload_keeps_backend_state_and_close_retires_everything() {
         let metrics = Arc::new(Metrics::new());
-        let pool = Pool::new(plan(), vec![Arc::new(StaticMembers(plan().backends))], metrics);
+        let pool = Pool::new(
+            plan(),
+            vec![Arc::new(StaticMembers(plan().backends))],
+            metrics,
+        );
         let b = pool.members().members[0].backend.clone();
         b.record_failure(pool.members().passive_policy());
         assert!(!b.is_up(), "max_fails = 1: out");
         let mut changed = plan();
         changed.retries = 3;
-        pool.reconfigure(Some(changed), vec![Arc::new(StaticMembers(plan().backends))]);
+        pool.reconfigure(
+            Some(changed),
+            vec![Arc::new(StaticMembers(plan().backends))],
+        );
         let set = pool.members();
         assert_eq!(set.plan.retries, 3);
         assert!(Arc::ptr_eq(&set.members[0].backend, &b));

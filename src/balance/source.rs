@@ -59,7 +59,11 @@ impl MemberSource for StaticMembers {
             .map(|b| MemberSpec {
                 addr: b.addr,
                 weight: b.weight,
-                role: if b.backup { Role::Backup } else { Role::Primary },
+                role: if b.backup {
+                    Role::Backup
+                } else {
+                    Role::Primary
+                },
                 origin: None,
             })
             .collect()

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use crate::balance::{Algorithm, BackendPlan, CheckKind, HealthPlan, PoolPlan};
 use crate::acl::Acl;
+pub use crate::balance::{Algorithm, BackendPlan, CheckKind, HealthPlan, PoolPlan};
 pub use crate::http::headers::CertHeaders;
 pub use crate::http::upstream::UpstreamTls;
 pub use crate::http::{HostMatch, HttpPlan, PathMatch, RoutePlan, Target};
@@ -167,4 +167,3 @@ pub struct ListenerPlan {
     /// Sources that must send a PROXY header, and how long they have.
     pub proxy_protocol: Option<crate::proxy_protocol::accept::AcceptPlan>,
 }
-

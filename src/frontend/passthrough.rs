@@ -8,8 +8,8 @@ use std::time::Duration;
 use prometheus::IntCounterVec;
 use tokio::net::TcpStream;
 
-use crate::balance::Pool;
 use super::ListenerShared;
+use crate::balance::Pool;
 use crate::host_match::HostMatch;
 use crate::tls::client_hello::peek_client_hello;
 

@@ -397,7 +397,7 @@ impl Runtime {
         }
     }
 
-/// Stop accepting; established connections continue.
+    /// Stop accepting; established connections continue.
     pub fn stop_listening(&self) {
         let mut applied = self.applied.lock().unwrap();
         for (_, running) in applied.listeners.drain() {

@@ -73,7 +73,10 @@ fn discovery_change(a: &DiscoveryPlan, b: &DiscoveryPlan) -> Option<(&'static st
         return Some(("miss_limit", format!("{} → {}", a.miss_limit, b.miss_limit)));
     }
     if a.multicast != b.multicast {
-        return Some(("multicast", format!("{:?} → {:?}", a.multicast, b.multicast)));
+        return Some((
+            "multicast",
+            format!("{:?} → {:?}", a.multicast, b.multicast),
+        ));
     }
     if a.max_clock_skew != b.max_clock_skew {
         return Some((
