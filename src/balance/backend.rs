@@ -55,8 +55,10 @@ pub struct Backend {
     check_up: AtomicBool,
     /// What the state watcher last reported, to log transitions once.
     reported_up: AtomicBool,
-    /// False while the backend takes no new connection (its server is
-    /// draining) and once it has left its pool.
+    /// False once the backend has left its pool. A resting (draining)
+    /// backend stays in rotation for keep-alive: its idle connections are
+    /// reused as soon as it is back, and its server closes them itself
+    /// if it wants them gone.
     in_rotation: AtomicBool,
     /// Idle HTTP/1.1 connections to this backend, per worker thread.
     pub keepalive: KeepAlive,
@@ -114,8 +116,8 @@ impl Backend {
         self.in_rotation.load(Ordering::Relaxed)
     }
 
-    /// Out of rotation (draining, or gone from its pool): its idle
-    /// connections are closed, and none is kept from now on.
+    /// Out of rotation (gone from its pool): its idle connections are
+    /// closed, and none is kept from now on.
     pub fn set_in_rotation(&self, yes: bool) {
         self.in_rotation.store(yes, Ordering::Relaxed);
         if !yes {

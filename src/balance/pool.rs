@@ -21,7 +21,7 @@ use super::backend::Backend;
 use super::health;
 use super::member_set::{Member, MemberSet};
 use super::settings::{PoolPlan, MAX_WEIGHT};
-use super::source::{MemberSource, MemberSpec, Role};
+use super::source::{MemberSource, MemberSpec};
 use crate::metrics::Metrics;
 
 pub struct Pool {
@@ -182,7 +182,6 @@ impl Pool {
                     .remove(&s.addr)
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Backend::new(&self.metrics, &self.name, s.addr)));
-                backend.set_in_rotation(s.role != Role::Resting);
                 Member {
                     backend,
                     weight: s.weight,
@@ -264,7 +263,7 @@ async fn follow(pool: Weak<Pool>, mut changes: Vec<watch::Receiver<u64>>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::balance::{Origin, StaticMembers};
+    use crate::balance::{Origin, Role, StaticMembers};
     use std::time::Duration;
 
     /// A source whose list the test sets, as discovery would.
@@ -362,7 +361,10 @@ mod tests {
             "node 2 keeps its backend"
         );
         assert!(!b2.is_up(), "and its passive outage");
-        assert!(!b2.in_rotation(), "a resting member takes nothing new");
+        assert!(
+            b2.in_rotation(),
+            "a resting member stays: its idle connections too"
+        );
         assert_eq!(now.eligible(), 2);
         assert!(!b3.in_rotation(), "node 3 left: retired");
         // A resting member is never picked.
