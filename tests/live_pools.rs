@@ -303,17 +303,7 @@ fn offload_websockets_are_not_cut_when_their_node_drains() {
         f.status()
     );
     let tls = f.pki.client();
-    let mut sockets: Vec<HeldSocket> = rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..10 {
-            v.push(
-                HeldSocket::open(f.web, tls.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("websocket {i}: {e}")),
-            );
-        }
-        v
-    });
+    let mut sockets: Vec<HeldSocket> = rt.block_on(HeldSocket::open_many(f.web, &tls, 10));
     let on_b = sockets.iter().filter(|s| s.backend == "b").count();
     assert!(on_b > 0, "round robin put no WebSocket on node-b");
     assert_eq!(b.websockets(), on_b);

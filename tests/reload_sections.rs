@@ -109,17 +109,7 @@ fn twenty_reloads_under_keep_alive_load_keep_200_websockets_and_every_request() 
         f.status()
     );
     let tls = f.pki.client();
-    let mut sockets: Vec<HeldSocket> = rt.block_on(async {
-        let mut v = Vec::new();
-        for i in 0..200 {
-            v.push(
-                HeldSocket::open(f.web, tls.clone())
-                    .await
-                    .unwrap_or_else(|e| panic!("websocket {i}: {e}")),
-            );
-        }
-        v
-    });
+    let mut sockets: Vec<HeldSocket> = rt.block_on(HeldSocket::open_many(f.web, &tls, 200));
     assert_eq!(a.websockets() + b.websockets(), 200);
     let load = KeepAliveLoad::start(&rt, f.web, tls.clone(), 10, "/", Duration::from_millis(1));
 

@@ -741,6 +741,24 @@ impl HeldSocket {
         Ok(HeldSocket { backend, ws })
     }
 
+    /// `n` WebSockets opened one after the other; panics naming the one
+    /// that failed.
+    pub async fn open_many(
+        front: SocketAddr,
+        tls: &Arc<rustls::ClientConfig>,
+        n: usize,
+    ) -> Vec<HeldSocket> {
+        let mut v = Vec::with_capacity(n);
+        for i in 0..n {
+            v.push(
+                HeldSocket::open(front, tls.clone())
+                    .await
+                    .unwrap_or_else(|e| panic!("websocket {i}: {e}")),
+            );
+        }
+        v
+    }
+
     /// Send `msg` and expect it back.
     pub async fn echo(&mut self, msg: &str) -> Result<(), String> {
         self.ws
