@@ -4,6 +4,7 @@
 //! pool → backend. Health and (later) discovery only write backend state;
 //! the connection path only reads it.
 
+pub mod access_log;
 pub mod acl;
 pub mod admin;
 pub mod balance;
@@ -24,5 +25,6 @@ mod scratch;
 pub mod shortage;
 pub mod source_limits;
 pub mod status;
+pub mod syslog;
 pub mod tls;
 pub mod workers;

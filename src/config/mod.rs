@@ -4,6 +4,7 @@ pub mod duration;
 pub mod error;
 mod first_start;
 pub mod locate;
+mod logs;
 pub mod plan;
 mod proxy_protocol;
 pub mod schema;

@@ -27,6 +27,7 @@ pub struct Plan {
     pub discovery: Option<DiscoveryPlan>,
     /// `None`: the default reserve (see `shortage::set_reserve`).
     pub descriptor_reserve: Option<u64>,
+    pub syslog: Option<crate::syslog::SyslogPlan>,
     /// Files this plan's TLS configs hold in memory that are not on disk
     /// yet; the runtime writes them when it starts.
     pub first_start: super::FirstStart,
@@ -166,4 +167,5 @@ pub struct ListenerPlan {
     pub splice: crate::l4::SpliceMode,
     /// Sources that must send a PROXY header, and how long they have.
     pub proxy_protocol: Option<crate::proxy_protocol::accept::AcceptPlan>,
+    pub access_log: Option<crate::access_log::AccessLogPlan>,
 }

@@ -23,6 +23,37 @@ pub struct File {
     /// Learn backends from signed UDP heartbeats.
     #[serde(default)]
     pub discovery: Option<Discovery>,
+    /// Send the event log (and access lines that ask for it) to syslog.
+    #[serde(default)]
+    pub syslog: Option<Syslog>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Syslog {
+    /// `udp://HOST:PORT`, `tcp://HOST:PORT` or `unix:///dev/log`.
+    pub address: String,
+    #[serde(default = "default_syslog_facility")]
+    pub facility: String,
+    #[serde(default = "default_syslog_app_name")]
+    pub app_name: String,
+}
+
+fn default_syslog_facility() -> String {
+    "daemon".into()
+}
+
+fn default_syslog_app_name() -> String {
+    "fleetgate".into()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// A file (relative to the config file), `stdout` or `syslog`.
+    pub path: String,
+    #[serde(default)]
+    pub format: crate::access_log::Format,
 }
 
 #[derive(Debug, Deserialize)]
@@ -154,6 +185,9 @@ pub struct Listener {
     /// Sources that must start their connections with a PROXY header.
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocol>,
+    /// One line per request (offload) or connection (tcp, passthrough).
+    #[serde(default)]
+    pub access_log: Option<AccessLog>,
 
     // --- passthrough ---
     #[serde(default)]

@@ -106,6 +106,7 @@ pub fn validate(
         first_start: FirstStart::default(),
     };
 
+    let syslog = super::logs::syslog(file.syslog.as_ref())?;
     let mut listeners = Vec::new();
     let mut names = HashSet::new();
     let mut binds: HashMap<SocketAddr, String> = HashMap::new();
@@ -146,7 +147,10 @@ pub fn validate(
         }
         let mode = mode(&l, i, &pool_names, &module_names, &mut env)?;
         let proxy_protocol = super::proxy_protocol::accept(&l, i)?;
+        let access_log =
+            super::logs::access_log(l.access_log.as_ref(), i, env.base, syslog.is_some())?;
         listeners.push(ListenerPlan {
+            access_log,
             proxy_protocol,
             name: l.name,
             bind,
@@ -185,6 +189,7 @@ pub fn validate(
         modules: modules.clone(),
         discovery,
         descriptor_reserve: file.global.descriptor_reserve,
+        syslog,
         first_start: env.first_start,
     })
 }
