@@ -26,6 +26,7 @@ mod client;
 mod measure;
 mod report;
 mod setup;
+mod syslog;
 
 use std::env;
 use std::path::Path;
@@ -37,6 +38,7 @@ use anyhow::{bail, Context, Result};
 use measure::Clients;
 use report::{Samples, Test};
 use setup::{Origin, Running, Target};
+use syslog::SyslogSink;
 
 /// Unrecorded warm-up run through each proxy, so first-touch costs don't
 /// land in round 1.
@@ -50,6 +52,7 @@ struct Settings {
     rounds: u32,
     secs: u64,
     targets: Vec<Target>,
+    tests: Vec<Test>,
     idle_conns: usize,
     keep_tmp: bool,
 }
@@ -61,24 +64,11 @@ impl Settings {
         if rounds == 0 || secs == 0 {
             bail!("ROUNDS and DURATION must be at least 1");
         }
-        let targets = match env::var("PROXIES") {
-            Err(_) => Target::ALL.to_vec(),
-            Ok(list) => list
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|key| {
-                    Target::ALL
-                        .into_iter()
-                        .find(|t| t.key() == key)
-                        .with_context(|| format!("PROXIES: unknown {key:?}"))
-                })
-                .collect::<Result<Vec<_>>>()?,
-        };
         Ok(Settings {
             rounds: rounds as u32,
             secs,
-            targets,
+            targets: env_list("PROXIES", &Target::ALL, |t| t.key())?,
+            tests: env_list("TESTS", &Test::ALL, |t| t.key())?,
             idle_conns: env_number("IDLE_CONNS", 8000)? as usize,
             keep_tmp: env::var("KEEP_TMP").is_ok_and(|v| v != "0" && !v.is_empty()),
         })
@@ -87,7 +77,7 @@ impl Settings {
     fn estimate(&self) -> Duration {
         let per_run = self.secs + SETTLE.as_secs() + 1;
         let targets = self.targets.len() as u64;
-        let runs = self.rounds as u64 * targets * Test::ALL.len() as u64;
+        let runs = self.rounds as u64 * targets * self.tests.len() as u64;
         let idle = if self.idle_conns > 0 {
             self.rounds as u64 * targets * (8 + self.idle_conns as u64 / 1000)
         } else {
@@ -95,6 +85,30 @@ impl Settings {
         };
         Duration::from_secs(runs * per_run + targets * (WARMUP_SECS + 2) + idle)
     }
+}
+
+/// A comma list of keys out of `all` (all of them when unset), in the
+/// order of `all`.
+fn env_list<T: Copy + PartialEq>(
+    name: &str,
+    all: &[T],
+    key: impl Fn(T) -> &'static str,
+) -> Result<Vec<T>> {
+    let Ok(list) = env::var(name) else {
+        return Ok(all.to_vec());
+    };
+    let chosen = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|k| {
+            all.iter()
+                .copied()
+                .find(|&t| key(t) == k)
+                .with_context(|| format!("{name}: unknown {k:?}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(all.iter().copied().filter(|t| chosen.contains(t)).collect())
 }
 
 fn env_number(name: &str, default: u64) -> Result<u64> {
@@ -135,6 +149,7 @@ fn run() -> Result<()> {
     setup::make_certificates(dir.path())?;
     let clients = Clients::new(dir.path())?;
     let origin = setup::start_origin(dir.path())?;
+    let syslog = SyslogSink::start()?;
     let mut running = Vec::new();
     for &target in &settings.targets {
         match setup::start(
@@ -144,6 +159,7 @@ fn run() -> Result<()> {
             &origin,
             &fleetgate_bin,
             &clients.full,
+            &syslog,
         ) {
             Ok(r) => running.push(r),
             Err(e) => eprintln!("warning: {} left out: {e:#}", target.label()),
@@ -179,6 +195,7 @@ fn run() -> Result<()> {
                 &origin,
                 &fleetgate_bin,
                 &clients,
+                &syslog,
                 &mut samples,
             );
         }
@@ -186,6 +203,9 @@ fn run() -> Result<()> {
 
     println!("\n## Results\n");
     println!("{}", report::proxy_table(&samples));
+    if settings.tests.contains(&Test::OffloadLogged) {
+        println!("{}", report::access_log(&samples));
+    }
     println!("{}", report::targets(&samples));
     println!("{}", report::saturation(&samples));
     println!("{}\n", report::notes(settings.rounds, settings.idle_conns));
@@ -207,11 +227,17 @@ fn print_header(settings: &Settings, fleetgate_bin: &Path, fd_limit: u64) {
     );
     let names: Vec<&str> = settings.targets.iter().map(|t| t.label()).collect();
     println!(
-        "- settings: ROUNDS={} DURATION={}s IDLE_CONNS={}, proxies: {}, fd limit {fd_limit}",
+        "- settings: ROUNDS={} DURATION={}s IDLE_CONNS={}, proxies: {}, tests: {}, fd limit {fd_limit}",
         settings.rounds,
         settings.secs,
         settings.idle_conns,
-        names.join(", ")
+        names.join(", "),
+        settings
+            .tests
+            .iter()
+            .map(|t| t.key())
+            .collect::<Vec<_>>()
+            .join(",")
     );
     println!("- certificate: ECDSA P-256, self-signed, for every server");
     println!("- load average before the run: {}", tools::load_average());
@@ -235,7 +261,7 @@ fn run_round(
     let count = running.len();
     for i in 0..count {
         let r = &mut running[(i + round as usize) % count];
-        for test in Test::ALL {
+        for &test in &settings.tests {
             thread::sleep(SETTLE);
             let result = measure::run(
                 test,
@@ -258,6 +284,7 @@ fn run_round(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn idle_round(
     round: u32,
     settings: &Settings,
@@ -265,6 +292,7 @@ fn idle_round(
     origin: &Origin,
     fleetgate_bin: &Path,
     clients: &Clients,
+    syslog: &SyslogSink,
     samples: &mut Samples,
 ) {
     let count = settings.targets.len();
@@ -278,6 +306,7 @@ fn idle_round(
             origin,
             fleetgate_bin,
             clients,
+            syslog,
             settings.idle_conns,
             samples,
         );

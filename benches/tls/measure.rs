@@ -13,10 +13,15 @@ use crate::client::{self, LoadResult};
 use crate::procs::{cpu_ticks, machine_busy_ticks, reaped_children_ticks, rss_kib};
 use crate::report::{Figure, Kind, Samples, Test};
 use crate::setup::{self, Origin, Running, Target};
+use crate::syslog::SyslogSink;
 use crate::wrk::{wrk, HttpResult};
 
 /// Concurrent connections of every load run (as wrk's -c50).
 const CONNECTIONS: usize = 50;
+
+/// How long after a logged run its last lines get to reach the file or the
+/// syslog receiver before they are counted.
+const LOG_CATCH_UP: Duration = Duration::from_millis(300);
 
 /// The rustls client configs the tests use.
 pub struct Clients {
@@ -148,9 +153,11 @@ pub fn run(
     let proxy_pid = running.proxy.pid();
     let origin_pid = origin.guard.pid();
     let https = |port: u16| format!("https://127.0.0.1:{port}/");
+    let log_mark = running.log.mark()?;
     let probe = CpuProbe::start(proxy_pid, origin_pid)?;
-    let outcome: Outcome = match test {
+    let mut outcome: Outcome = match test {
         Test::Offload => wrk(&https(running.offload_port), secs, false)?.into(),
+        Test::OffloadLogged => wrk(&https(running.logged_port), secs, false)?.into(),
         Test::ResumedHandshake => wrk(&https(running.offload_port), secs, true)?.into(),
         Test::Passthrough => wrk(&https(running.pass_port), secs, false)?.into(),
         Test::FullHandshake => client::load(
@@ -174,6 +181,15 @@ pub fn run(
     };
     let cpu = probe.finish(proxy_pid, origin_pid, ticks_per_sec)?;
     running.proxy.ensure_running()?;
+    if test == Test::OffloadLogged {
+        // Writers that batch (or a receiver thread) may still be a moment
+        // behind the last response.
+        thread::sleep(LOG_CATCH_UP);
+        let lines = running.log.lines_since(log_mark)?;
+        let per_request = lines as f64 / outcome.requests.max(1) as f64;
+        samples.add(running.target, Figure::LogLinesPerRequest, per_request);
+        outcome.detail += &format!(", {lines} log lines ({per_request:.2} per request)");
+    }
 
     let client_cpu = outcome.client_cpu.unwrap_or(cpu.children);
     let load = |secs: f64| 100.0 * secs / cpu.wall;
@@ -219,6 +235,7 @@ pub fn idle(
     origin: &Origin,
     fleetgate_bin: &Path,
     clients: &Clients,
+    syslog: &SyslogSink,
     count: usize,
     samples: &mut Samples,
 ) -> Result<String> {
@@ -229,6 +246,7 @@ pub fn idle(
         origin,
         fleetgate_bin,
         &clients.full,
+        syslog,
     )?;
     let pid = running.proxy.pid();
     thread::sleep(Duration::from_secs(1));

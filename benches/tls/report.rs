@@ -10,6 +10,10 @@ use crate::table::{format_ratio, format_value, markdown, median};
 pub enum Test {
     /// wrk keep-alive over https, TLS terminated by the proxy.
     Offload,
+    /// The same on a listener that logs every request: fleetgate's access
+    /// log (JSON, to a file), nginx's (combined, to a file), HAProxy's
+    /// `option httplog` to a local syslog receiver.
+    OffloadLogged,
     /// Bench client, one request per connection, TLS 1.3, no resumption.
     FullHandshake,
     /// wrk with `Connection: close`: wrk resumes its TLS sessions.
@@ -22,8 +26,9 @@ pub enum Test {
 }
 
 impl Test {
-    pub const ALL: [Test; 5] = [
+    pub const ALL: [Test; 6] = [
         Test::Offload,
+        Test::OffloadLogged,
         Test::FullHandshake,
         Test::ResumedHandshake,
         Test::Passthrough,
@@ -33,10 +38,23 @@ impl Test {
     pub fn label(self) -> &'static str {
         match self {
             Test::Offload => "offload keep-alive",
+            Test::OffloadLogged => "offload keep-alive with access log",
             Test::FullHandshake => "full handshakes",
             Test::ResumedHandshake => "wrk conn-close (resumed)",
             Test::Passthrough => "passthrough keep-alive",
             Test::ClientCert => "offload + client cert",
+        }
+    }
+
+    /// The name `TESTS` selects it by.
+    pub fn key(self) -> &'static str {
+        match self {
+            Test::Offload => "offload",
+            Test::OffloadLogged => "offload-log",
+            Test::FullHandshake => "handshakes",
+            Test::ResumedHandshake => "resumed",
+            Test::Passthrough => "passthrough",
+            Test::ClientCert => "client-cert",
         }
     }
 
@@ -89,6 +107,9 @@ pub enum Figure {
     IdleKibPerConn,
     /// RSS of the freshly started proxy before the idle connections.
     IdleRssBefore,
+    /// Access log lines written (or syslog datagrams received) ÷ requests
+    /// in the logged test: 1 when every request was logged.
+    LogLinesPerRequest,
     OthersLoad,
     Errors,
 }
@@ -100,6 +121,7 @@ impl Figure {
             .flat_map(|&t| Kind::ALL.iter().map(move |&k| Figure::Run(t, k)))
             .collect();
         all.extend([
+            Figure::LogLinesPerRequest,
             Figure::IdleKibPerConn,
             Figure::IdleRssBefore,
             Figure::OthersLoad,
@@ -128,6 +150,10 @@ impl Figure {
             }
             Figure::IdleKibPerConn => "idle offloaded connection: proxy KiB/connection ↓".into(),
             Figure::IdleRssBefore => "idle test: fresh proxy RSS before, MiB".into(),
+            Figure::LogLinesPerRequest => format!(
+                "{}: log lines per request (1 = all logged)",
+                Test::OffloadLogged.label()
+            ),
             Figure::OthersLoad => "other processes' CPU, % of a core".into(),
             Figure::Errors => "client errors, all runs (socket + non-2xx) ↓".into(),
         }
@@ -140,6 +166,7 @@ impl Figure {
             Figure::Run(_, Kind::CpuPerUnit) => 1,
             Figure::Run(..) => 0,
             Figure::IdleKibPerConn | Figure::IdleRssBefore => 1,
+            Figure::LogLinesPerRequest => 2,
             Figure::OthersLoad | Figure::Errors => 0,
         }
     }
@@ -178,6 +205,13 @@ pub fn proxy_table(samples: &Samples) -> String {
     header.push("fleetgate/nginx".into());
     let mut rows = vec![header];
     for figure in Figure::all() {
+        // Tests left out with TESTS (or never measured) get no row.
+        if Target::ALL
+            .iter()
+            .all(|&t| samples.value(t, figure).is_none())
+        {
+            continue;
+        }
         let mut row = vec![figure.label()];
         for target in Target::ALL {
             row.push(format_value(
@@ -295,18 +329,115 @@ pub fn targets(samples: &Samples) -> String {
         1.0,
         true,
     );
-    let better_anchor = match (v(ha, Figure::IdleKibPerConn), v(ng, Figure::IdleKibPerConn)) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
     out += &check(
         "KiB per idle offloaded connection ≤ 0.5× the better of HAProxy/nginx",
         v(fg, Figure::IdleKibPerConn),
-        better_anchor,
+        lower(v(ha, Figure::IdleKibPerConn), v(ng, Figure::IdleKibPerConn)),
         0.5,
         true,
     );
+    let logged = |t, kind| run(t, Test::OffloadLogged, kind);
+    out += &check(
+        "CPU per request with access log ≤ 1.05× fleetgate's own without",
+        logged(fg, Kind::CpuPerUnit),
+        run(fg, Test::Offload, Kind::CpuPerUnit),
+        1.05,
+        true,
+    );
+    out += &check(
+        "CPU per request with access log ≤ 0.9× the better of HAProxy/nginx with logging",
+        logged(fg, Kind::CpuPerUnit),
+        lower(logged(ha, Kind::CpuPerUnit), logged(ng, Kind::CpuPerUnit)),
+        0.9,
+        true,
+    );
+    out += &check(
+        "p99 with access log ≤ the better of HAProxy/nginx with logging",
+        logged(fg, Kind::P99),
+        lower(logged(ha, Kind::P99), logged(ng, Kind::P99)),
+        1.0,
+        true,
+    );
     out
+}
+
+/// The lower of two figures (the better anchor on ↓ rows), or the one
+/// that was measured.
+fn lower(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// What logging every request costs each proxy: the offload keep-alive
+/// test without and with its request log, side by side.
+pub fn access_log(samples: &Samples) -> String {
+    let mut rows = vec![{
+        let mut h = vec!["offload keep-alive".to_string()];
+        h.extend(Target::ALL.iter().map(|t| t.label().to_string()));
+        h
+    }];
+    let run = |t, test, kind| samples.value(t, Figure::Run(test, kind));
+    let ratio = |t, kind| match (
+        run(t, Test::OffloadLogged, kind),
+        run(t, Test::Offload, kind),
+    ) {
+        (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+        _ => None,
+    };
+    type Row<'a> = (&'a str, Box<dyn Fn(Target) -> Option<f64> + 'a>, usize);
+    let lines: [Row; 7] = [
+        (
+            "proxy CPU µs/request, no log ↓",
+            Box::new(|t| run(t, Test::Offload, Kind::CpuPerUnit)),
+            1,
+        ),
+        (
+            "proxy CPU µs/request, with log ↓",
+            Box::new(|t| run(t, Test::OffloadLogged, Kind::CpuPerUnit)),
+            1,
+        ),
+        (
+            "CPU with log ÷ without ↓",
+            Box::new(|t| ratio(t, Kind::CpuPerUnit)),
+            3,
+        ),
+        (
+            "p99 ms, no log ↓",
+            Box::new(|t| run(t, Test::Offload, Kind::P99)),
+            3,
+        ),
+        (
+            "p99 ms, with log ↓",
+            Box::new(|t| run(t, Test::OffloadLogged, Kind::P99)),
+            3,
+        ),
+        (
+            "requests/s with log ↑",
+            Box::new(|t| run(t, Test::OffloadLogged, Kind::Rate)),
+            0,
+        ),
+        (
+            "log lines per request",
+            Box::new(|t| samples.value(t, Figure::LogLinesPerRequest)),
+            2,
+        ),
+    ];
+    for (label, value, decimals) in lines {
+        let mut row = vec![label.to_string()];
+        row.extend(
+            Target::ALL
+                .iter()
+                .map(|&t| format_value(value(t), decimals)),
+        );
+        rows.push(row);
+    }
+    format!(
+        "Access log cost (fleetgate: JSON lines to a file; nginx: combined to a file; \
+         HAProxy: `option httplog` to a UDP syslog receiver):\n\n{}",
+        markdown(&rows)
+    )
 }
 
 pub fn notes(rounds: u32, idle_conns: usize) -> String {
@@ -328,6 +459,11 @@ pub fn notes(rounds: u32, idle_conns: usize) -> String {
          ($ssl_client_escaped_cert, ~1 KB), HAProxy base64 DER (`%[ssl_c_der,base64]`, \
          ~0.6 KB): not byte-identical, but the same information.\n\
          - Passthrough: the TLS work is the origin nginx's; the proxy only moves bytes.\n\
+         - With access log: the offload keep-alive test on a fourth listener that logs \
+         every request; fleetgate JSON lines to a file, nginx `combined` to a file \
+         (unbuffered, its default), HAProxy `option httplog` as one UDP datagram per \
+         request to a receiver thread of the bench. Log lines per request counts what \
+         reached the file or the receiver (1.00 = every request logged).\n\
          - Idle: a freshly started proxy per round; {idle_conns} TLS 1.3 connections \
          (bench client), one keep-alive request each, then idle; VmRSS 2 s after the \
          last one minus VmRSS before, ÷ connections.\n\

@@ -1,10 +1,13 @@
 //! Certificates, the origin nginx and the three proxies, configured from
 //! benches/templates/tls/ so all of them serve the same listeners:
-//! offload, offload with an optional client certificate (mtls), and
-//! passthrough.
+//! offload, offload with an optional client certificate (mtls),
+//! passthrough, and offload with an access log (logged).
 
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -15,6 +18,7 @@ use rustls::ClientConfig;
 use crate::client;
 use crate::config::{dir_str, nginx_command, write_config};
 use crate::procs::{free_port, wait_http_ok, Guard};
+use crate::syslog::SyslogSink;
 use crate::tools::{path_of, NGINX_STREAM_MODULE};
 
 const ORIGIN_TEMPLATE: &str = include_str!("../templates/tls/origin-nginx.conf");
@@ -179,12 +183,64 @@ pub struct Running {
     pub offload_port: u16,
     pub mtls_port: u16,
     pub pass_port: u16,
+    /// Offload with the access log on.
+    pub logged_port: u16,
+    /// Where the logged listener's lines go.
+    pub log: LogSource,
     pub proxy: Guard,
+}
+
+/// Where a proxy's logged listener puts its lines, so they can be counted.
+pub enum LogSource {
+    /// fleetgate's and nginx's access log file.
+    File(PathBuf),
+    /// HAProxy's `option httplog`: datagrams at the bench's syslog receiver.
+    Syslog(Arc<AtomicU64>),
+}
+
+impl LogSource {
+    /// Where the log stands now: the file's length, or datagrams so far.
+    pub fn mark(&self) -> Result<u64> {
+        Ok(match self {
+            LogSource::File(path) => match std::fs::metadata(path) {
+                Ok(m) => m.len(),
+                // fleetgate builds without the access log ignore the key.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+                Err(e) => return Err(e.into()),
+            },
+            LogSource::Syslog(count) => count.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Lines logged since `mark`.
+    pub fn lines_since(&self, mark: u64) -> Result<u64> {
+        match self {
+            LogSource::File(path) => {
+                let mut file = match File::open(path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+                    Err(e) => return Err(e.into()),
+                };
+                file.seek(SeekFrom::Start(mark))?;
+                let mut lines = 0;
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = file.read(&mut buf)?;
+                    if n == 0 {
+                        return Ok(lines);
+                    }
+                    lines += buf[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+                }
+            }
+            LogSource::Syslog(count) => Ok(count.load(Ordering::Relaxed) - mark),
+        }
+    }
 }
 
 /// Starts `target` in front of `origin` and waits until a TLS request
 /// makes it through each listener to the origin. `instance` tells apart
-/// the configs and logs of several starts of the same proxy.
+/// the configs and logs of several starts of the same proxy. HAProxy's
+/// request log goes to `syslog`.
 pub fn start(
     target: Target,
     instance: &str,
@@ -192,19 +248,29 @@ pub fn start(
     origin: &Origin,
     fleetgate_bin: &Path,
     probe_config: &Arc<ClientConfig>,
+    syslog: &SyslogSink,
 ) -> Result<Running> {
     let offload_port = free_port()?;
     let mtls_port = free_port()?;
     let pass_port = free_port()?;
+    let logged_port = free_port()?;
+    let name = format!("{}{instance}", target.key());
+    let access_log = dir.join(format!("{name}-access.log"));
+    let log = match target {
+        Target::Haproxy => LogSource::Syslog(syslog.counter()),
+        Target::Fleetgate | Target::Nginx => LogSource::File(access_log.clone()),
+    };
     let mut vars = vec![
         ("DIR", dir_str(dir)),
         ("OFFLOAD_PORT", offload_port.to_string()),
         ("MTLS_PORT", mtls_port.to_string()),
         ("PASS_PORT", pass_port.to_string()),
+        ("LOGGED_PORT", logged_port.to_string()),
+        ("SYSLOG_PORT", syslog.port.to_string()),
+        ("ACCESS_LOG", dir_str(&access_log)),
         ("ORIGIN_PORT", origin.http_port.to_string()),
         ("ORIGIN_TLS_PORT", origin.tls_port.to_string()),
     ];
-    let name = format!("{}{instance}", target.key());
     let mut cmd = match target {
         Target::Haproxy => {
             let conf = write_config(dir, &format!("{name}.cfg"), HAPROXY_TEMPLATE, &vars)?;
@@ -230,7 +296,7 @@ pub fn start(
         }
     };
     let mut proxy = Guard::spawn(target.label(), &mut cmd, &dir.join(format!("{name}.out")))?;
-    for port in [offload_port, mtls_port, pass_port] {
+    for port in [offload_port, mtls_port, pass_port, logged_port] {
         wait_tls_ok(&mut proxy, port, probe_config)?;
     }
     Ok(Running {
@@ -238,6 +304,8 @@ pub fn start(
         offload_port,
         mtls_port,
         pass_port,
+        logged_port,
+        log,
         proxy,
     })
 }
