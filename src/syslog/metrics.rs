@@ -68,10 +68,7 @@ pub fn register(registry: &Registry) {
 }
 
 pub fn sent(stream: Stream) {
-    COUNTERS
-        .messages
-        .with_label_values(&[stream.label()])
-        .inc();
+    COUNTERS.messages.with_label_values(&[stream.label()]).inc();
 }
 
 pub fn dropped(reason: &str, n: u64) {

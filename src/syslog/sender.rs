@@ -175,7 +175,11 @@ impl Worker {
     /// lasted (a server that restarts now and then is retried quickly; one
     /// that accepts and drops every connection is not hammered).
     fn broken(&mut self, why: String) {
-        if self.up_since.take().is_some_and(|t| t.elapsed() >= BACKOFF_MAX) {
+        if self
+            .up_since
+            .take()
+            .is_some_and(|t| t.elapsed() >= BACKOFF_MAX)
+        {
             self.backoff = BACKOFF_FIRST;
         }
         self.retry_at = Instant::now() + self.backoff;
