@@ -19,6 +19,9 @@ use common::*;
 // ---------------------------------------------------------------------
 // A strict RFC 5424 parser.
 
+/// An SD-ELEMENT: its SD-ID and its (name, unescaped value) pairs.
+type Element = (String, Vec<(String, String)>);
+
 #[derive(Debug, Clone)]
 struct Message {
     facility: u8,
@@ -27,8 +30,7 @@ struct Message {
     app_name: String,
     procid: String,
     msgid: String,
-    /// (SD-ID, [(name, unescaped value)])
-    sd: Vec<(String, Vec<(String, String)>)>,
+    sd: Vec<Element>,
     msg: String,
 }
 
@@ -184,7 +186,7 @@ impl Parser<'_> {
         Ok(String::from_utf8(n.to_vec()).unwrap())
     }
 
-    fn structured_data(&mut self) -> Result<Vec<(String, Vec<(String, String)>)>, String> {
+    fn structured_data(&mut self) -> Result<Vec<Element>, String> {
         if self.b.get(self.i) == Some(&b'-') {
             self.i += 1;
             return Ok(Vec::new());
@@ -366,10 +368,7 @@ fn read_frames(mut c: std::net::TcpStream, inbox: Shared, stop: Arc<AtomicBool>)
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
             Err(_) => continue,
         }
-        loop {
-            let Some(sp) = buf.iter().position(|&b| b == b' ') else {
-                break;
-            };
+        while let Some(sp) = buf.iter().position(|&b| b == b' ') {
             let len = &buf[..sp];
             let ok = !len.is_empty()
                 && len.len() <= 9

@@ -1,6 +1,6 @@
 //! The tracing layer that copies the event log to syslog: every event
-//! that passes the configured level (the same ones written to standard
-//! error) becomes one message with MSGID `event`.
+//! that passes the configured level (the same ones written to the
+//! console) becomes one message with MSGID `event`.
 //!
 //! The level maps to the severity (ERROR → err, WARN → warning, INFO →
 //! info, DEBUG and TRACE → debug). MSG reads as the console line does,
@@ -24,9 +24,9 @@ pub struct SyslogLayer;
 impl<S: Subscriber> Layer<S> for SyslogLayer {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         // Without a `[syslog]` section this is the whole cost.
-        let Some(sender) = super::current() else {
+        if !super::running() {
             return;
-        };
+        }
         let normalized = event.normalized_metadata();
         let meta = normalized.as_ref().unwrap_or_else(|| event.metadata());
         let mut fields = Fields::default();
@@ -42,16 +42,14 @@ impl<S: Subscriber> Layer<S> for SyslogLayer {
             };
             sd.push((name.to_string(), value));
         }
-        sender.send(
-            Stream::Events,
-            Record {
-                time: SystemTime::now(),
-                severity: level_severity(meta.level()),
-                msgid: "event",
-                fields: sd,
-                msg: msg.trim_start().to_string(),
-            },
-        );
+        let time = SystemTime::now();
+        super::send(Stream::Events, || Record {
+            time,
+            severity: level_severity(meta.level()),
+            msgid: "event",
+            fields: sd,
+            msg: msg.trim_start().to_string(),
+        });
     }
 }
 

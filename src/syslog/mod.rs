@@ -33,6 +33,20 @@ fn current() -> Option<Arc<Sender>> {
     CURRENT.load_full()
 }
 
+fn running() -> bool {
+    CURRENT.load().is_some()
+}
+
+/// Hand one message to the running sender, if any. Reads the slot
+/// without taking a reference count: access lines come from every
+/// connection worker at once.
+fn send(stream: Stream, record: impl FnOnce() -> Record) -> bool {
+    match CURRENT.load().as_ref() {
+        Some(sender) => sender.send(stream, record()),
+        None => false,
+    }
+}
+
 /// Send to `plan`'s server from now on (`None`: stop sending). An
 /// unchanged section keeps its sender, queue and connection.
 pub fn configure(plan: Option<&SyslogPlan>) -> std::io::Result<()> {
@@ -83,19 +97,13 @@ fn finish(mut sender: Arc<Sender>) {
 /// MSGID `access`). Never blocks: returns false when no syslog is running
 /// or the line was dropped.
 pub fn send_access(line: &str) -> bool {
-    let Some(sender) = current() else {
-        return false;
-    };
-    sender.send(
-        Stream::Access,
-        Record {
-            time: SystemTime::now(),
-            severity: message::severity::INFO,
-            msgid: "access",
-            fields: Vec::new(),
-            msg: line.trim_end_matches(['\r', '\n']).to_string(),
-        },
-    )
+    send(Stream::Access, || Record {
+        time: SystemTime::now(),
+        severity: message::severity::INFO,
+        msgid: "access",
+        fields: Vec::new(),
+        msg: line.trim_end_matches(['\r', '\n']).to_string(),
+    })
 }
 
 #[cfg(test)]
