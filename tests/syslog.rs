@@ -106,6 +106,9 @@ fn check_timestamp(ts: &str) -> Result<(), String> {
             .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
             && ts[r].parse::<u32>().is_ok_and(|v| v <= max)
     };
+    if b.len() < 20 {
+        return bad();
+    }
     if !(digits(0..4, 9999)
         && b[4] == b'-'
         && digits(5..7, 12)

@@ -76,3 +76,13 @@ pub fn dropped(reason: &str, n: u64) {
         COUNTERS.dropped.with_label_values(&[reason]).inc_by(n);
     }
 }
+
+#[cfg(test)]
+pub fn dropped_total(reason: &str) -> u64 {
+    COUNTERS.dropped.with_label_values(&[reason]).get()
+}
+
+#[cfg(test)]
+pub fn sent_total(stream: Stream) -> u64 {
+    COUNTERS.messages.with_label_values(&[stream.label()]).get()
+}

@@ -193,3 +193,57 @@ impl Worker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::syslog::message::severity;
+    use crate::syslog::Transport;
+    use std::os::unix::net::UnixDatagram;
+    use std::time::SystemTime;
+
+    /// A local receiver that never reads: once its socket queue is full,
+    /// messages are dropped and counted, the sender never waits, and every
+    /// message is either received or counted as dropped.
+    #[test]
+    fn a_full_local_socket_drops_and_counts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let receiver = UnixDatagram::bind(&path).unwrap();
+        let (sent0, dropped0) = (
+            metrics::sent_total(Stream::Events),
+            metrics::dropped_total(metrics::QUEUE_FULL),
+        );
+        let sender = Sender::start(SyslogPlan {
+            transport: Transport::Unix(path),
+            facility: 1,
+            app_name: "t".into(),
+        })
+        .unwrap();
+        let n = 3 * QUEUE as u64;
+        for i in 0..n {
+            sender.send(
+                Stream::Events,
+                Record {
+                    time: SystemTime::now(),
+                    severity: severity::INFO,
+                    msgid: "event",
+                    fields: Vec::new(),
+                    msg: format!("message {i}"),
+                },
+            );
+        }
+        sender.finish(Duration::from_secs(30));
+        let sent = metrics::sent_total(Stream::Events) - sent0;
+        let dropped = metrics::dropped_total(metrics::QUEUE_FULL) - dropped0;
+        receiver.set_nonblocking(true).unwrap();
+        let mut received = 0;
+        let mut buf = [0u8; 1024];
+        while receiver.recv(&mut buf).is_ok() {
+            received += 1;
+        }
+        assert!(dropped > 0, "sent {sent}");
+        assert_eq!(received, sent);
+        assert_eq!(sent + dropped, n);
+    }
+}
