@@ -573,7 +573,7 @@ impl Drop for Rsyslog {
 
 impl Rsyslog {
     /// `rsyslogd -n` on its own configuration: imudp and imtcp on
-    /// 127.0.0.1, every message written to a file with its RFC 5424
+    /// 127.0.0.1 and imuxsock on `dir/log.sock`, every message written to a file with its RFC 5424
     /// fields separated by `|`.
     fn start(dir: &Path, udp: SocketAddr, tcp: SocketAddr) -> Rsyslog {
         let out = dir.join("received.log");
@@ -586,6 +586,11 @@ module(load="imudp")
 module(load="imtcp")
 input(type="imudp" address="127.0.0.1" port="{udp_port}")
 input(type="imtcp" address="127.0.0.1" port="{tcp_port}")
+# A socket of its own (never the system's /dev/log), with the regular
+# parser chain: imuxsock's default parser reads only the traditional
+# local format and would take "1" (the RFC 5424 version) for the tag.
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{dir}/log.sock" UseSpecialParser="off" ParseHostname="on")
 template(name="fields" type="string"
   string="%syslogfacility-text%|%syslogseverity-text%|%protocol-version%|%timereported:::date-rfc3339%|%hostname%|%app-name%|%procid%|%msgid%|%structured-data%|%msg%\n")
 *.* action(type="omfile" file="{out}" template="fields")
@@ -631,7 +636,7 @@ template(name="fields" type="string"
 }
 
 #[test]
-fn rsyslog_receives_events_over_udp_and_tcp() {
+fn rsyslog_receives_events_over_udp_tcp_and_unix() {
     let dir = tempfile::tempdir().unwrap();
     let (udp, tcp) = (free_addr(), free_addr());
     let rsyslog = Rsyslog::start(dir.path(), udp, tcp);
@@ -690,6 +695,28 @@ fn rsyslog_receives_events_over_udp_and_tcp() {
         down[8]
     );
     assert_eq!(ask(front).unwrap(), "b");
+
+    // The local socket, as `/dev/log` would be.
+    let unix_url = format!("unix://{}", dir.path().join("log.sock").display());
+    lb.write_config(&config(
+        front,
+        &backends,
+        Some((&unix_url, "user", "fleetgate-x")),
+    ));
+    lb.signal("HUP");
+    let reloaded = rsyslog.wait_for("reload event over the socket", |l| {
+        l[5] == "fleetgate-x" && l[9].contains("configuration reloaded")
+    });
+    assert_eq!(&reloaded[..3], ["user", "info", "1"]);
+    assert_eq!(
+        &reloaded[4..8],
+        [host_name(), "fleetgate-x".into(), pid, "event".into()]
+    );
+    assert!(
+        reloaded[8].starts_with("[fleetgate@32473 target="),
+        "{}",
+        reloaded[8]
+    );
 }
 
 // ---------------------------------------------------------------------

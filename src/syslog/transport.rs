@@ -6,8 +6,9 @@
 //!   on a later send rather than going unnoticed.
 //! - TCP (RFC 6587 §3.4.1): octet-counted framing, `LEN SP MESSAGE`, which
 //!   unlike newline framing survives a newline inside a message.
-//! - Unix datagram (`/dev/log`): one message per datagram, as for UDP;
-//!   rsyslog's imuxsock and journald both parse RFC 5424 there. Writes do
+//! - Unix datagram (`/dev/log`): one message per datagram, as for UDP.
+//!   rsyslog's imuxsock parses RFC 5424 with its special parser off;
+//!   journald does not parse it (see docs/operations.md). Writes do
 //!   not wait: a full receive queue of a local daemon would otherwise
 //!   block the sender, as it famously blocks `syslog(3)` callers.
 
