@@ -8,7 +8,7 @@
 //! again after a pause that doubles up to `BACKOFF_MAX`, so a dead server
 //! costs neither memory nor a connection attempt per message.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -104,10 +104,10 @@ impl Worker {
         let mut batch = Vec::with_capacity(BATCH);
         let mut bytes = Vec::with_capacity(BATCH);
         loop {
-            match rx.recv_timeout(BACKOFF_MAX) {
+            // Ends once every handle is gone and the queue is empty.
+            match rx.recv() {
                 Ok(item) => batch.push(item),
-                Err(RecvTimeoutError::Timeout) => continue,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(_) => return,
             }
             while batch.len() < BATCH {
                 match rx.try_recv() {
@@ -141,10 +141,8 @@ impl Worker {
             }
         }
         let Some(conn) = self.conn.as_mut() else {
-            for item in batch.drain(..) {
-                let _ = item;
-                metrics::dropped(metrics::UNREACHABLE, 1);
-            }
+            metrics::dropped(metrics::UNREACHABLE, batch.len() as u64);
+            batch.clear();
             return;
         };
         bytes.clear();
