@@ -56,7 +56,9 @@ pub fn set_level(level: &str) -> Result<(), String> {
         let (layer, handle) = tracing_subscriber::reload::Layer::new(wanted());
         let subscriber = tracing_subscriber::registry()
             .with(layer)
-            .with(tracing_subscriber::fmt::layer().with_target(false));
+            .with(tracing_subscriber::fmt::layer().with_target(false))
+            // Silent until `[syslog]` configures a server.
+            .with(crate::syslog::SyslogLayer);
         if tracing::subscriber::set_global_default(subscriber).is_ok() {
             // What `try_init` would install, with the flood limits.
             let _ = log::set_boxed_logger(Box::new(LogBridge::new(1000)));

@@ -127,13 +127,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     logging::init("info");
     let plan = config::load(&path)?;
     logging::init(&plan.log_level);
+    fleetgate::syslog::configure(plan.syslog.as_ref())?;
     // The control plane (admin, health checks, discovery, reloads, modules'
     // background tasks) runs here; connections run on the workers that
     // `Runtime::start` creates, `worker_threads` of them.
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    control.block_on(async move {
+    let result = control.block_on(async move {
         let signals = runtime::Signals::install()?;
         let metrics = Arc::new(Metrics::new());
         let admin_listener = admin::bind(plan.admin_bind).await?;
@@ -141,5 +142,8 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         tracing::info!(config = %path.display(), admin = %admin_listener.local_addr()?, "fleetgate started");
         tokio::spawn(admin::serve(admin_listener, rt.clone()));
         runtime::serve_until_signalled(rt, signals).await
-    })
+    });
+    // The last lines (drained, exiting) reach the syslog server too.
+    fleetgate::syslog::stop();
+    result
 }

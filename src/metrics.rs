@@ -141,6 +141,7 @@ impl Metrics {
         .expect("metric definition");
         r.register(Box::new(age.clone()))
             .expect("metric registration");
+        crate::syslog::register_metrics(&r);
         Metrics {
             heartbeats_accepted: accepted,
             discovery_heartbeat_age: age,

@@ -507,6 +507,9 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
                     if let Err(e) = crate::logging::set_level(&rt.plan().log_level) {
                         tracing::warn!("log level not changed: {e}");
                     }
+                    if let Err(e) = crate::syslog::configure(rt.plan().syslog.as_ref()) {
+                        tracing::warn!("syslog not changed: {e}");
+                    }
                     tracing::info!("configuration reloaded")
                 }
                 Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),

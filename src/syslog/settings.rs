@@ -44,3 +44,14 @@ pub const FACILITIES: &[(&str, u8)] = &[
     ("local6", 22),
     ("local7", 23),
 ];
+
+impl std::fmt::Display for Transport {
+    /// As the configuration writes it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Transport::Udp(a) => write!(f, "udp://{a}"),
+            Transport::Tcp(a) => write!(f, "tcp://{a}"),
+            Transport::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
