@@ -161,13 +161,15 @@ impl ServerStream {
             let used = match ran {
                 Ok((used, _)) => used,
                 Err(failed) => {
+                    progress.after_hello |= s.out_pos < s.outgoing.len();
                     s.send_alert(&mut input[failed.used..]);
                     return Err(failed.error);
                 }
             };
             input.drain(..used);
             s.incoming = input;
-            // The server's first flight answers the ClientHello.
+            // The server's first flight answers the ClientHello (a later
+            // message may fail in the same run, above).
             progress.after_hello |= s.out_pos < s.outgoing.len();
             poll_fn(|cx| s.poll_flush_out(cx)).await?;
             if !s.conn.is_handshaking() {

@@ -344,3 +344,265 @@ impl ClientCertVerifier for V1Fallback {
         self.inner.requires_raw_public_keys()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::PrivateKeyDer;
+
+    use super::*;
+    use crate::tls::refusal::Reason;
+    use crate::tls::revocation::RevocationList;
+    use crate::tls::server::{build_server_config, ClientAuth, ServerTlsOptions};
+    use crate::tls::testutil::{exchange, handshake, Leaf, Pki};
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl is installed");
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    }
+
+    /// A version 1 certificate as `openssl x509 -req` makes it without an
+    /// extensions file, issued by the CA in `ca.pem`/`ca.key` in `dir`.
+    fn v1_leaf(dir: &Path, cn: &str, key_alg: &str) -> Leaf {
+        let key_opt = match key_alg {
+            "RSA" => "rsa_keygen_bits:2048",
+            _ => "ec_paramgen_curve:P-256",
+        };
+        let (key, csr, crt) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.pem"),
+        );
+        openssl(
+            dir,
+            &[
+                "genpkey",
+                "-algorithm",
+                key_alg,
+                "-pkeyopt",
+                key_opt,
+                "-out",
+                &key,
+            ],
+        );
+        let subj = format!("/CN={cn}");
+        openssl(
+            dir,
+            &["req", "-new", "-key", &key, "-subj", &subj, "-out", &csr],
+        );
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "30",
+                "-out",
+                &crt,
+            ],
+        );
+        let cert_pem = std::fs::read_to_string(dir.join(&crt)).unwrap();
+        let key_pem = std::fs::read_to_string(dir.join(&key)).unwrap();
+        let cert = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        assert_eq!(
+            parse(&cert).unwrap().version().0,
+            0,
+            "openssl made a v1 certificate"
+        );
+        Leaf {
+            cert,
+            key: PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap(),
+            cert_pem,
+            key_pem,
+        }
+    }
+
+    fn write_ca(dir: &Path, pki: &Pki) {
+        std::fs::write(dir.join("ca.pem"), pki.ca_pem()).unwrap();
+        std::fs::write(dir.join("ca.key"), pki.ca_key_pem()).unwrap();
+    }
+
+    fn server(
+        pki: &Pki,
+        roots: Arc<RootCertStore>,
+        list: Option<RevocationList>,
+    ) -> Arc<rustls::ServerConfig> {
+        let mut opts = ServerTlsOptions::new(pki.server("gw.test").certified());
+        opts.client_auth = ClientAuth::Required;
+        opts.client_ca = Some(roots);
+        opts.revocation = list;
+        build_server_config(&opts).unwrap()
+    }
+
+    /// Presents `leaf` as it is: rustls' own `with_client_auth_cert`
+    /// checks the key against the certificate with webpki, which refuses
+    /// v1 (devices use OpenSSL, which does not).
+    #[derive(Debug)]
+    struct Present(Arc<rustls::sign::CertifiedKey>);
+
+    impl rustls::client::ResolvesClientCert for Present {
+        fn resolve(
+            &self,
+            _: &[&[u8]],
+            _: &[SignatureScheme],
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            Some(self.0.clone())
+        }
+
+        fn has_certs(&self) -> bool {
+            true
+        }
+    }
+
+    fn client(pki: &Pki, leaf: &Leaf, tls12: bool) -> Arc<rustls::ClientConfig> {
+        let versions: &[&rustls::SupportedProtocolVersion] = if tls12 {
+            &[&rustls::version::TLS12]
+        } else {
+            &[&rustls::version::TLS13]
+        };
+        let provider = crate::tls::provider();
+        let key = provider
+            .key_provider
+            .load_private_key(leaf.key.clone_key())
+            .unwrap();
+        let certified = rustls::sign::CertifiedKey::new(vec![leaf.cert.clone()], key);
+        Arc::new(
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_protocol_versions(versions)
+                .unwrap()
+                .with_root_certificates(pki.roots())
+                .with_client_cert_resolver(Arc::new(Present(Arc::new(certified)))),
+        )
+    }
+
+    fn reason(result: std::io::Result<crate::tls::testutil::ServerSide>) -> Reason {
+        let err = result.err().expect("the handshake is refused");
+        Reason::of_io(&err, true)
+    }
+
+    #[tokio::test]
+    async fn v1_certificates_from_a_client_ca_are_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("Device CA");
+        write_ca(dir.path(), &pki);
+        let list = RevocationList::new();
+        let config = server(&pki, pki.roots(), Some(list.clone()));
+        for key_alg in ["EC", "RSA"] {
+            let leaf = v1_leaf(dir.path(), &format!("legacy-{key_alg}"), key_alg);
+            for tls12 in [false, true] {
+                let (s, c) = handshake(config.clone(), client(&pki, &leaf, tls12), "gw.test").await;
+                let (mut s, mut c) = (s.unwrap(), c.unwrap());
+                exchange(&mut s, &mut c).await.unwrap();
+                let peer = s.get_ref().1.peer_certificates().unwrap();
+                assert_eq!(peer[0], leaf.cert, "{key_alg} tls12={tls12}");
+            }
+            // Revocation applies to v1 certificates as to any other.
+            list.revoke_fingerprint(crate::tls::forward::sha256(&leaf.cert));
+            let (s, _) = handshake(config.clone(), client(&pki, &leaf, false), "gw.test").await;
+            assert_eq!(reason(s), Reason::ClientCertRevoked, "{key_alg}");
+        }
+    }
+
+    #[tokio::test]
+    async fn v1_refusals_say_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::new("Device CA");
+        let stranger = Pki::new("Other CA");
+        write_ca(dir.path(), &stranger);
+        let foreign = v1_leaf(dir.path(), "foreign", "EC");
+        let config = server(&pki, pki.roots(), None);
+        let (s, _) = handshake(config.clone(), client(&pki, &foreign, false), "gw.test").await;
+        assert_eq!(reason(s), Reason::ClientCertUnknownIssuer);
+
+        write_ca(dir.path(), &pki);
+        let leaf = v1_leaf(dir.path(), "legacy", "EC");
+        let roots = pki.roots();
+        let webpki = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots.clone(),
+            crate::tls::provider(),
+        )
+        .build()
+        .unwrap();
+        let algs = crate::tls::provider().signature_verification_algorithms;
+        let verifier = V1Fallback::new(webpki, &roots, algs);
+        let at = |days: i64| {
+            let now = UnixTime::now().as_secs() as i64 + days * 86_400;
+            UnixTime::since_unix_epoch(Duration::from_secs(now as u64))
+        };
+        let verdict = |intermediates: &[CertificateDer<'_>], days| {
+            verifier
+                .verify_client_cert(&leaf.cert, intermediates, at(days))
+                .map(|_| ())
+                .map_err(|e| Reason::of_rustls(&e, true))
+        };
+        assert_eq!(verdict(&[], 0), Ok(()));
+        assert_eq!(verdict(&[], 60), Err(Reason::ClientCertExpired));
+        assert_eq!(verdict(&[], -2), Err(Reason::ClientCertNotYetValid));
+        // Issued by an intermediate the anchors do not know: not supported.
+        let foreign_verdict = verifier
+            .verify_client_cert(&foreign.cert, &[pki.ca_der()], at(0))
+            .map_err(|e| Reason::of_rustls(&e, true));
+        assert_eq!(foreign_verdict.err(), Some(Reason::ClientCertV1));
+    }
+
+    #[tokio::test]
+    async fn a_v1_ca_is_a_trust_anchor() {
+        // What older PKIs have: the CA itself is version 1.
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        openssl(
+            d,
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "ca.key",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-key",
+                "ca.key",
+                "-subj",
+                "/CN=Old CA",
+                "-out",
+                "ca.csr",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "x509", "-req", "-in", "ca.csr", "-signkey", "ca.key", "-days", "30", "-out",
+                "ca.pem",
+            ],
+        );
+        let ca = crate::tls::certs::load_ca_bundle(&d.join("ca.pem")).unwrap();
+        let leaf = v1_leaf(d, "legacy", "EC");
+        let pki = Pki::new("Server CA");
+        let config = server(&pki, Arc::new(ca), None);
+        let (s, c) = handshake(config, client(&pki, &leaf, false), "gw.test").await;
+        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        exchange(&mut s, &mut c).await.unwrap();
+    }
+}
