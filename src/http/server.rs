@@ -46,7 +46,12 @@ fn log_refusal(
         return;
     }
     if let Some(held) = offload.metrics.refusal_log.allow() {
-        tracing::warn!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {} ({detail}) ({held} refusals suppressed)", reason.words());
+        let words = reason.words();
+        if held == 0 {
+            tracing::warn!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {words} ({detail})");
+        } else {
+            tracing::warn!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {words} ({detail}) ({held} refusals suppressed)");
+        }
     }
 }
 
