@@ -168,7 +168,7 @@ fn other(e: V1Refused) -> rustls::Error {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, rustls::Error> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok((&[], cert)) => Ok(cert),
         _ => Err(CertificateError::BadEncoding.into()),
     }
 }
@@ -491,7 +491,7 @@ mod tests {
     }
 
     fn reason(result: std::io::Result<crate::tls::testutil::ServerSide>) -> Reason {
-        let err = result.err().expect("the handshake is refused");
+        let err = result.expect_err("the handshake is refused");
         Reason::of_io(&err, true)
     }
 
