@@ -225,11 +225,11 @@ fn unescape(s: &str) -> String {
 }
 
 /// One refusal per second per listener reaches the log: the next refusal
-/// on the same listener waits until the previous line's second is over.
-async fn next_second(since: &mut Instant) {
-    let wait = Duration::from_millis(1100).saturating_sub(since.elapsed());
+/// on the same listener waits until a second has passed since the
+/// previous line was seen (it was written before).
+async fn next_second(seen: Instant) {
+    let wait = Duration::from_millis(1100).saturating_sub(seen.elapsed());
     tokio::time::sleep(wait).await;
-    *since = Instant::now();
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -307,10 +307,7 @@ backends = [{{ address = "{backend}" }}]
     let ok = "fleetgate_tls_handshakes_total{listener=\"devices\",result=\"ok\",reason=\"none\"}";
     assert_eq!(lb.metric(ok), 2.0);
 
-    let mut last = Instant::now() - Duration::from_secs(2);
-
     // A version 1 certificate from another CA.
-    next_second(&mut last).await;
     let refused = curl_get(&stray_cert, &stray_key, false).await.unwrap();
     assert!(refused.is_err(), "{refused:?}");
     let line = refusal_line(
@@ -319,13 +316,14 @@ backends = [{{ address = "{backend}" }}]
         "client certificate: unknown issuer",
         "client_cert_unknown_issuer",
     );
+    let last = Instant::now();
     assert!(line.contains("sni=\"device.example\""), "{line}");
     assert!(line.contains("peer=127.0.0.1:"), "{line}");
     let series = failed("devices", "client_cert_unknown_issuer");
     assert!(eventually(Duration::from_secs(3), || lb.metric(&series) == 1.0));
 
     // An expired certificate from the client CA.
-    next_second(&mut last).await;
+    next_second(last).await;
     let client = client_config(&server_ca, Some(&expired), &[b"http/1.1"]);
     let got = https_get(front, "device.example", client, "/", &[]).await;
     assert!(got.is_err(), "{got:?}");
@@ -335,11 +333,12 @@ backends = [{{ address = "{backend}" }}]
         "client certificate: expired",
         "client_cert_expired",
     );
+    let last = Instant::now();
     let series = failed("devices", "client_cert_expired");
     assert!(eventually(Duration::from_secs(3), || lb.metric(&series) == 1.0));
 
     // No certificate where one is required.
-    next_second(&mut last).await;
+    next_second(last).await;
     let client = client_config(&server_ca, None, &[b"http/1.1"]);
     let got = https_get(front, "device.example", client, "/", &[]).await;
     assert!(got.is_err(), "{got:?}");
@@ -349,11 +348,12 @@ backends = [{{ address = "{backend}" }}]
         "client certificate: none presented",
         "client_cert_missing",
     );
+    let last = Instant::now();
     let series = failed("devices", "client_cert_missing");
     assert!(eventually(Duration::from_secs(3), || lb.metric(&series) == 1.0));
 
     // Plain HTTP to the TLS port.
-    next_second(&mut last).await;
+    next_second(last).await;
     let plain = tokio::task::spawn_blocking(move || http_get(front, "/"))
         .await
         .unwrap();
@@ -382,7 +382,7 @@ backends = [{{ address = "{backend}" }}]
     assert!(eventually(Duration::from_secs(3), || lb.metric(&series) == 1.0));
 
     // A client whose only suite the listener does not enable.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    next_second(Instant::now()).await;
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites = vec![rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256];
     let other_suite = Arc::new(
