@@ -161,8 +161,8 @@ impl Metrics {
             tls_handshakes: counter(
                 &r,
                 "tls_handshakes_total",
-                "TLS handshakes on offload listeners, by result (ok, or the failure reason).",
-                &["listener", "result"],
+                "TLS handshakes on offload listeners, by result (ok, failed, timeout) and reason (none when ok).",
+                &["listener", "result", "reason"],
             ),
             tls_versions: counter(
                 &r,

@@ -22,6 +22,7 @@ use ipnet::IpNet;
 use prometheus::{Histogram, IntCounter, IntGauge};
 
 use crate::metrics::Metrics;
+use crate::tls::refusal::Reason;
 pub use route::{HostMatch, PathMatch, RoutePlan, Target};
 
 /// A verified client certificate and the forms it is forwarded in,
@@ -110,9 +111,15 @@ pub enum TargetRuntime {
 
 /// Metrics of one offload listener, resolved when the plan is applied.
 pub struct OffloadMetrics {
+    /// `fleetgate_tls_handshakes_total{result="ok",reason="none"}`.
     pub handshake_ok: IntCounter,
-    pub handshake_failed: IntCounter,
+    /// `{result="timeout",reason="timeout"}`.
     pub handshake_timeout: IntCounter,
+    /// `{result="failed"}` by reason, indexed by `Reason::failure_index`.
+    handshake_failed: Vec<IntCounter>,
+    /// One refused-handshake log line per second per listener, as for
+    /// rejected connections.
+    pub refusal_log: crate::logging::RateLimit,
     /// `fleetgate_tls_client_hello_rejected_total{reason="too_large"}`.
     pub hello_too_large: IntCounter,
     pub certs_none: IntCounter,
@@ -142,14 +149,18 @@ pub struct OffloadMetrics {
 
 impl OffloadMetrics {
     pub fn new(m: &Arc<Metrics>, listener: &str) -> Self {
-        let hs = |r| m.tls_handshakes.with_label_values(&[listener, r]);
+        let hs = |result, reason: Reason| {
+            m.tls_handshakes
+                .with_label_values(&[listener, result, reason.label()])
+        };
         let cert = |s| m.client_certs.with_label_values(&[listener, s]);
         let err = |k| m.http_errors.with_label_values(&[listener, k]);
         let hard = &m.http_hardening;
         OffloadMetrics {
-            handshake_ok: hs("ok"),
-            handshake_failed: hs("failed"),
-            handshake_timeout: hs("timeout"),
+            handshake_ok: hs("ok", Reason::None),
+            handshake_timeout: hs("timeout", Reason::Timeout),
+            handshake_failed: Reason::FAILURES.iter().map(|&r| hs("failed", r)).collect(),
+            refusal_log: crate::logging::RateLimit::new(1000),
             hello_too_large: m.hello_rejected.with_label_values(&[listener, "too_large"]),
             certs_none: cert("none"),
             certs_verified: cert("verified"),
@@ -178,6 +189,14 @@ impl OffloadMetrics {
                 .map(|a| m.tls_alpn.with_label_values(&[listener, a])),
             metrics: m.clone(),
             listener: listener.to_string(),
+        }
+    }
+
+    /// Count a refused handshake (a timeout is `handshake_timeout`).
+    pub fn handshake_refused(&self, reason: Reason) {
+        self.handshake_failed[reason.failure_index()].inc();
+        if reason.is_client_cert() {
+            self.certs_rejected.inc();
         }
     }
 

@@ -23,12 +23,37 @@ use arc_swap::ArcSwap;
 
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
-use crate::logging::RateLimit;
-use crate::tls::client_hello::HelloError;
+use crate::tls::refusal::Reason;
 use crate::tls::server_stream::ServerStream;
 
-/// Refused ClientHellos are an attacker's to send: one line per second.
-static HELLO_REJECT_LOG: RateLimit = RateLimit::new(1000);
+/// A refused handshake, at warn: what an operator looks for when a
+/// device cannot connect. Refusals are also an attacker's to send, so the
+/// listener lets one line per second through, as for rejected
+/// connections. A client that closed before sending a byte (a TCP health
+/// check, a port scan) is no device failing to connect: debug only.
+fn log_refusal(
+    offload: &Offload,
+    peer: SocketAddr,
+    sni: Option<&str>,
+    reason: Reason,
+    detail: &dyn std::fmt::Display,
+    silent: bool,
+) {
+    let listener = &*offload.name;
+    let sni = sni.unwrap_or("-");
+    if silent {
+        tracing::debug!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {}: {detail}", reason.words());
+        return;
+    }
+    if let Some(held) = offload.metrics.refusal_log.allow() {
+        let words = reason.words();
+        if held == 0 {
+            tracing::warn!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {words} ({detail})");
+        } else {
+            tracing::warn!(listener, %peer, sni, reason = reason.label(), "TLS handshake refused: {words} ({detail}) ({held} refusals suppressed)");
+        }
+    }
+}
 
 /// `slot` holds the listener's current routes: the handshake and the
 /// connection's settings come from what it holds at accept, each request
@@ -47,34 +72,25 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, slot: Arc<ArcSwap<Offload>>
     ));
     let mut tls: Box<Tls> = match handshake.await {
         Ok(Ok(s)) => Box::new(s),
-        Ok(Err(e)) => {
-            let cert_problem = e
-                .get_ref()
-                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-                .is_some_and(|r| {
-                    matches!(
-                        r,
-                        rustls::Error::InvalidCertificate(_)
-                            | rustls::Error::NoCertificatesPresented
-                    )
-                });
-            if cert_problem {
-                m.certs_rejected.inc();
-            }
-            m.handshake_failed.inc();
-            let hello_refused = e.get_ref().and_then(|i| i.downcast_ref::<HelloError>());
-            if let Some(refused) = hello_refused {
+        Ok(Err(refused)) => {
+            if refused.reason == Reason::HelloTooLarge {
                 m.hello_too_large.inc();
-                if let Some(held) = HELLO_REJECT_LOG.allow() {
-                    tracing::info!(listener, %peer, reason = refused.reason(), "TLS connection closed: {refused} ({held} rejections suppressed)");
-                }
-                return;
             }
-            tracing::debug!(listener, %peer, "TLS handshake failed: {e}");
+            m.handshake_refused(refused.reason);
+            log_refusal(
+                &offload,
+                peer,
+                refused.sni.as_deref(),
+                refused.reason,
+                &refused.error,
+                refused.silent,
+            );
             return;
         }
         Err(_) => {
             m.handshake_timeout.inc();
+            let elapsed = format!("no handshake within {:?}", offload.http.handshake_timeout);
+            log_refusal(&offload, peer, None, Reason::Timeout, &elapsed, false);
             return;
         }
     };
@@ -83,9 +99,16 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, slot: Arc<ArcSwap<Offload>>
     // the verifier, so a device revoked since then is caught here.
     if let Some(list) = &offload.revocation {
         if let Err(e) = list.check_peer(session.peer_certificates()) {
-            m.certs_rejected.inc();
-            m.handshake_failed.inc();
-            tracing::info!(listener, %peer, "client certificate refused after handshake: {e}");
+            let reason = Reason::of_rustls(&e, true);
+            m.handshake_refused(reason);
+            log_refusal(
+                &offload,
+                peer,
+                tls.server_name(),
+                reason,
+                &"session resumed after revocation",
+                false,
+            );
             return;
         }
     }

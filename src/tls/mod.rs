@@ -8,6 +8,10 @@
 //!   certificates, versions, suites, ALPN, resumption, client auth).
 //! - [`server_stream`]: a terminated TLS connection as a tokio stream that
 //!   holds no buffer while idle (rustls' unbuffered API).
+//! - [`refusal`]: why a handshake was refused, as a bounded set of
+//!   reasons for the metric label and the log line.
+//! - [`v1_client`]: X.509 version 1 client certificates, which webpki
+//!   refuses, when a client CA issued them directly.
 //! - [`revocation`]: a shared, hot-swappable set of revoked device
 //!   certificates that the client-auth verifier consults.
 //! - [`forward`]: the forms a client certificate is passed to backends in
@@ -23,10 +27,12 @@ pub mod certs;
 pub mod client_hello;
 mod error;
 pub mod forward;
+pub mod refusal;
 pub mod revocation;
 pub mod server;
 pub mod server_stream;
 pub mod upstream;
+pub mod v1_client;
 mod x509;
 
 #[cfg(test)]

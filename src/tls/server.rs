@@ -15,6 +15,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{RootCertStore, ServerConfig, SupportedCipherSuite};
 
 use super::revocation::{RevocationList, RevocationVerifier};
+use super::v1_client::V1Fallback;
 use super::{MinVersion, TlsError};
 
 /// Whether devices present certificates.
@@ -123,11 +124,14 @@ pub fn build_server_config(opts: &ServerTlsOptions) -> Result<Arc<ServerConfig>,
                     }
                 ))
             })?;
-            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots, provider);
+            let algs = provider.signature_verification_algorithms;
+            let mut verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider);
             if mode == ClientAuth::Optional {
                 verifier = verifier.allow_unauthenticated();
             }
-            let verifier = verifier.build()?;
+            // v3 certificates are verified by webpki alone; only those it
+            // refuses for their version take the v1 check.
+            let verifier = V1Fallback::new(verifier.build()?, &roots, algs);
             match &opts.revocation {
                 Some(list) => builder
                     .with_client_cert_verifier(RevocationVerifier::new(verifier, list.clone())),

@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 
 use crate::scratch::{self, TLS_GATHER, TLS_READ, TLS_WRITE};
 use crate::tls::client_hello::{self, HelloError, Parsed, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::tls::refusal::{Reason, Refused};
 
 /// Socket reads and plaintext writes go through buffers of this size: one
 /// full TLS record, so bulk transfers still move whole records.
@@ -89,8 +90,9 @@ enum Stop {
 }
 
 impl ServerStream {
-    /// Run the server handshake on `tcp`. A failed handshake returns an
-    /// `InvalidData` error that wraps the `rustls::Error`, as
+    /// Run the server handshake on `tcp`. A failed handshake is
+    /// [`Refused`]: its reason, the server name the client asked for, and
+    /// the error: an `InvalidData` one that wraps the `rustls::Error`, as
     /// `tokio_rustls` does, after sending rustls' alert if it has one.
     ///
     /// The ClientHello is gathered and measured before rustls sees it: one
@@ -101,8 +103,18 @@ impl ServerStream {
         tcp: TcpStream,
         config: Arc<ServerConfig>,
         hello_max_bytes: usize,
-    ) -> io::Result<ServerStream> {
-        let conn = UnbufferedServerConnection::new(config).map_err(tls_error)?;
+    ) -> Result<ServerStream, Refused> {
+        let conn = match UnbufferedServerConnection::new(config) {
+            Ok(conn) => conn,
+            Err(e) => {
+                return Err(Refused {
+                    reason: Reason::Other,
+                    sni: None,
+                    error: tls_error(e),
+                    silent: false,
+                })
+            }
+        };
         let mut s = ServerStream {
             tcp,
             conn,
@@ -115,19 +127,50 @@ impl ServerStream {
             close_sent: false,
             sni: None,
         };
-        s.sni = s.receive_hello(hello_max_bytes).await?;
+        let mut progress = Progress::default();
+        match s.handshake(hello_max_bytes, &mut progress).await {
+            Ok(()) => Ok(s),
+            Err(error) => {
+                // Bytes the hello parser found not to be a ClientHello
+                // went to rustls for its alert: the parser's verdict is
+                // the more precise one.
+                let reason = match &progress.unparsed {
+                    Some(hello) if !progress.after_hello => Reason::of_hello(hello),
+                    _ => Reason::of_io(&error, progress.after_hello),
+                };
+                Err(Refused {
+                    reason,
+                    sni: s.sni.take(),
+                    error,
+                    silent: progress.silent,
+                })
+            }
+        }
+    }
+
+    async fn handshake(
+        &mut self,
+        hello_max_bytes: usize,
+        progress: &mut Progress,
+    ) -> io::Result<()> {
+        let s = self;
+        s.sni = s.receive_hello(hello_max_bytes, progress).await?;
         loop {
             let mut input = std::mem::take(&mut s.incoming);
             let ran = s.run(&mut input, Want::Read(None));
             let used = match ran {
                 Ok((used, _)) => used,
                 Err(failed) => {
+                    progress.after_hello |= s.out_pos < s.outgoing.len();
                     s.send_alert(&mut input[failed.used..]);
                     return Err(failed.error);
                 }
             };
             input.drain(..used);
             s.incoming = input;
+            // The server's first flight answers the ClientHello (a later
+            // message may fail in the same run, above).
+            progress.after_hello |= s.out_pos < s.outgoing.len();
             poll_fn(|cx| s.poll_flush_out(cx)).await?;
             if !s.conn.is_handshaking() {
                 break;
@@ -153,7 +196,7 @@ impl ServerStream {
         } else {
             s.incoming.shrink_to_fit();
         }
-        Ok(s)
+        Ok(())
     }
 
     /// Read until `incoming` holds a whole ClientHello (or bytes that are
@@ -165,11 +208,19 @@ impl ServerStream {
     ///
     /// Returns the hello's server name: the one rustls chooses the
     /// certificate by (rustls' unbuffered connection does not tell it).
-    async fn receive_hello(&mut self, max: usize) -> io::Result<Option<String>> {
+    async fn receive_hello(
+        &mut self,
+        max: usize,
+        progress: &mut Progress,
+    ) -> io::Result<Option<String>> {
         let max = max.max(RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN);
         loop {
             match hello_state(&self.incoming, max) {
                 Ok(Hello::Complete { sni }) => return Ok(sni),
+                Ok(Hello::Unparsed(e)) => {
+                    progress.unparsed = Some(e);
+                    return Ok(None);
+                }
                 Ok(Hello::Incomplete) => {}
                 Err(e) => {
                     // Best effort: the connection is dropped either way.
@@ -177,9 +228,11 @@ impl ServerStream {
                     return Err(io::Error::new(io::ErrorKind::InvalidData, e));
                 }
             }
+            progress.silent = self.incoming.is_empty();
             if self.read_handshake(max - self.incoming.len()).await? == 0 {
                 return Err(io::ErrorKind::UnexpectedEof.into());
             }
+            progress.silent = false;
         }
     }
 
@@ -535,11 +588,24 @@ enum Hello {
     Incomplete,
     /// It can go to rustls. `sni` is its server name, lowercased, as
     /// rustls reads it: an IP address is no name, a name that is not a
-    /// DNS name is refused by rustls itself. Bytes that are not a
-    /// well-formed ClientHello also go to rustls, which refuses them with
-    /// the right alert, and have no name (the one such hello rustls
-    /// accepts is a name with a trailing dot, which RFC 6066 forbids).
+    /// DNS name is refused by rustls itself.
     Complete { sni: Option<String> },
+    /// Bytes that are not a well-formed ClientHello: they also go to
+    /// rustls, which refuses them with the right alert, and have no name
+    /// (the one such hello rustls accepts is a name with a trailing dot,
+    /// which RFC 6066 forbids). The parser's verdict names the refusal.
+    Unparsed(HelloError),
+}
+
+/// How far a handshake got, for the reason of its failure.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The hello parser's verdict on bytes that are no ClientHello.
+    unparsed: Option<HelloError>,
+    /// rustls answered the ClientHello.
+    after_hello: bool,
+    /// The client closed (or reset) before sending a byte.
+    silent: bool,
 }
 
 /// Whether the ClientHello at the start of `incoming` is complete. A hello
@@ -551,7 +617,7 @@ fn hello_state(incoming: &[u8], max: usize) -> Result<Hello, HelloError> {
         Ok(Parsed::NeedMore) if incoming.len() >= max => Err(HelloError::TooLarge { limit: max }),
         Ok(Parsed::NeedMore) => Ok(Hello::Incomplete),
         Err(e @ HelloError::TooLarge { .. }) => Err(e),
-        Err(_) => Ok(Hello::Complete { sni: None }),
+        Err(e) => Ok(Hello::Unparsed(e)),
     }
 }
 
@@ -964,7 +1030,7 @@ mod tests {
 
     /// Accept one connection, send `bytes` to it and close; returns the
     /// server's error and what the client received.
-    async fn refused(bytes: Vec<u8>) -> (io::Error, Vec<u8>) {
+    async fn refused(bytes: Vec<u8>) -> (Refused, Vec<u8>) {
         let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
@@ -985,10 +1051,12 @@ mod tests {
         (err, got)
     }
 
-    fn too_large(e: &io::Error) -> bool {
-        e.get_ref()
-            .and_then(|i| i.downcast_ref::<HelloError>())
-            .is_some_and(|h| *h == HelloError::TooLarge { limit: HELLO_MAX })
+    fn too_large(e: &Refused) -> bool {
+        e.reason == Reason::HelloTooLarge
+            && e.error
+                .get_ref()
+                .and_then(|i| i.downcast_ref::<HelloError>())
+                .is_some_and(|h| *h == HelloError::TooLarge { limit: HELLO_MAX })
     }
 
     #[tokio::test]
@@ -1018,6 +1086,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn plain_http_is_refused_as_not_tls() {
+        let (err, _) = refused(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n".to_vec()).await;
+        assert_eq!(err.reason, Reason::NotTls, "{err}");
+        assert_eq!(err.sni, None);
+        assert!(!err.silent);
+    }
+
+    #[tokio::test]
     async fn an_oversized_message_after_the_hello_fails_without_a_panic() {
         // TLS 1.2 keeps the client's second flight in plaintext: a
         // ClientKeyExchange declaring 64 KiB behind a real hello reaches
@@ -1025,7 +1101,10 @@ mod tests {
         let mut wire = client_hello(&[&rustls::version::TLS12]);
         wire.extend_from_slice(&[0x16, 0x03, 0x03, 0x00, 0x04, 0x10, 0x01, 0x00, 0x00]);
         let (err, _) = refused(wire).await;
+        assert_eq!(err.reason, Reason::ProtocolError);
+        assert_eq!(err.sni.as_deref(), Some("api.test"));
         let inner = err
+            .error
             .get_ref()
             .and_then(|e| e.downcast_ref::<rustls::Error>());
         assert!(
@@ -1059,7 +1138,9 @@ mod tests {
             "client saw {err:?}"
         );
         let server_err = server.await.unwrap();
+        assert_eq!(server_err.reason, Reason::NoSharedVersion, "{server_err}");
         assert!(server_err
+            .error
             .get_ref()
             .is_some_and(|e| e.downcast_ref::<rustls::Error>().is_some()));
     }

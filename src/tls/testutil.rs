@@ -57,6 +57,10 @@ impl Pki {
         self.ca.pem()
     }
 
+    pub fn ca_key_pem(&self) -> String {
+        self.ca_key.serialize_pem()
+    }
+
     pub fn roots(&self) -> Arc<RootCertStore> {
         let mut roots = RootCertStore::empty();
         roots.add(self.ca_der()).unwrap();
