@@ -39,6 +39,8 @@ pub struct Checkout {
     /// Backends that could take the request again, this one included.
     pub eligible: usize,
     pub policy: PassivePolicy,
+    /// Backends tried to get this connection (1 when the first worked).
+    pub attempts: u32,
     /// The thread whose runtime drives the connection: it goes back to
     /// that thread's list only.
     home: ThreadId,
@@ -68,8 +70,11 @@ impl Upstream {
         // applies to the next request.
         let set = self.pool.members();
         let set = &*set;
+        let mut attempts = 0;
         let (backend, (sender, idled)) =
-            connect::first_success_excluding(set, client, exclude, |b| async move {
+            connect::first_success_excluding(set, client, exclude, |b| {
+                attempts += 1;
+                async move {
                 if !fresh {
                     // Given back at the end of a response, a connection is
                     // ready as soon as its task has seen that end too; one
@@ -81,7 +86,7 @@ impl Upstream {
                     }
                 }
                 self.open(set, &b, upgrades).await.map(|s| (s, None))
-            })
+            }})
             .await?;
         Ok(Checkout {
             backend,
@@ -89,6 +94,7 @@ impl Upstream {
             idled,
             eligible: set.eligible(),
             policy: set.passive_policy(),
+            attempts,
             home: thread::current().id(),
         })
     }
