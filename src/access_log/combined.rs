@@ -12,7 +12,7 @@
 
 use std::io::Write;
 
-use super::record::{civil, Kind, Record};
+use super::record::{civil, put_addr, put_ip, put_padded, put_u64, Kind, Record};
 
 const MONTHS: [&str; 12] = [
     "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
@@ -21,11 +21,18 @@ const MONTHS: [&str; 12] = [
 pub fn write(r: &Record, out: &mut Vec<u8>) {
     let (y, mo, d, h, mi, s, _) = civil(r.time);
     let month = MONTHS[(mo as usize).clamp(1, 12) - 1];
-    let _ = write!(
-        out,
-        "{} - - [{d:02}/{month}/{y:04}:{h:02}:{mi:02}:{s:02} +0000] \"",
-        r.client.ip()
-    );
+    put_ip(out, r.client.ip());
+    out.extend_from_slice(b" - - [");
+    put_padded(out, u64::from(d), 2);
+    out.push(b'/');
+    out.extend_from_slice(month.as_bytes());
+    out.push(b'/');
+    put_padded(out, y as u64, 4);
+    for n in [h, mi, s] {
+        out.push(b':');
+        put_padded(out, u64::from(n), 2);
+    }
+    out.extend_from_slice(b" +0000] \"");
     match r.kind {
         Kind::Http | Kind::WebSocket => {
             escaped(out, r.method.unwrap_or("-").as_bytes());
@@ -36,15 +43,18 @@ pub fn write(r: &Record, out: &mut Vec<u8>) {
         }
         Kind::Tcp | Kind::Passthrough => {
             out.extend_from_slice(r.kind.as_str().as_bytes());
+            out.push(b' ');
             match r.upstream {
-                Some(a) => {
-                    let _ = write!(out, " {a}");
-                }
-                None => out.extend_from_slice(b" -"),
+                Some(a) => put_addr(out, a),
+                None => out.push(b'-'),
             }
         }
     }
-    let _ = write!(out, "\" {} {} \"", r.status, r.bytes_out);
+    out.extend_from_slice(b"\" ");
+    put_u64(out, u64::from(r.status));
+    out.push(b' ');
+    put_u64(out, r.bytes_out);
+    out.extend_from_slice(b" \"");
     escaped(out, r.referer.unwrap_or(b"-"));
     out.extend_from_slice(b"\" \"");
     escaped(out, r.user_agent.unwrap_or(b"-"));

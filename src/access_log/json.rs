@@ -3,22 +3,26 @@
 
 use std::io::Write;
 
-use super::record::{civil, write_ms, Record};
+use super::record::{civil, put_addr, put_ip, put_padded, put_u64, write_ms, Record};
 
 pub fn write(r: &Record, out: &mut Vec<u8>) {
     let (y, mo, d, h, mi, s, ms) = civil(r.time);
-    let _ = write!(
-        out,
-        "{{\"time\":\"{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{ms:03}Z\",\"type\":\"{}\",\"listener\":",
-        r.kind.as_str()
-    );
+    out.extend_from_slice(b"{\"time\":\"");
+    put_padded(out, y as u64, 4);
+    for (sep, n) in [(b'-', mo), (b'-', d), (b'T', h), (b':', mi), (b':', s)] {
+        out.push(sep);
+        put_padded(out, u64::from(n), 2);
+    }
+    out.push(b'.');
+    put_padded(out, u64::from(ms), 3);
+    out.extend_from_slice(b"Z\",\"type\":\"");
+    out.extend_from_slice(r.kind.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"listener\":");
     string(out, r.listener.as_bytes());
-    let _ = write!(
-        out,
-        ",\"client_addr\":\"{}\",\"client_port\":{}",
-        r.client.ip(),
-        r.client.port()
-    );
+    out.extend_from_slice(b",\"client_addr\":\"");
+    put_ip(out, r.client.ip());
+    out.extend_from_slice(b"\",\"client_port\":");
+    put_u64(out, u64::from(r.client.port()));
     field_str(out, "tls_version", r.tls_version);
     field_str(out, "tls_cipher", r.tls_cipher);
     field_str(out, "sni", r.sni);
@@ -28,43 +32,54 @@ pub fn write(r: &Record, out: &mut Vec<u8>) {
     field_str(out, "method", r.method);
     field_str(out, "path", r.path);
     field_str(out, "protocol", r.protocol);
-    let _ = write!(
-        out,
-        ",\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration_ms\":",
-        r.status, r.bytes_in, r.bytes_out
-    );
+    out.extend_from_slice(b",\"status\":");
+    put_u64(out, u64::from(r.status));
+    out.extend_from_slice(b",\"bytes_in\":");
+    put_u64(out, r.bytes_in);
+    out.extend_from_slice(b",\"bytes_out\":");
+    put_u64(out, r.bytes_out);
+    out.extend_from_slice(b",\"duration_ms\":");
     write_ms(out, r.duration);
     out.extend_from_slice(b",\"upstream\":");
     match r.upstream {
         Some(a) => {
-            let _ = write!(out, "\"{a}\"");
+            out.push(b'"');
+            put_addr(out, a);
+            out.push(b'"');
         }
         None => out.extend_from_slice(b"null"),
     }
     field_ms(out, "upstream_connect_ms", r.upstream_connect);
     field_ms(out, "upstream_response_ms", r.upstream_response);
     field_str(out, "route", r.route);
-    let _ = write!(out, ",\"retries\":{}", r.retries);
+    out.extend_from_slice(b",\"retries\":");
+    put_u64(out, u64::from(r.retries));
     field_str(out, "close", r.close);
     field(out, "referer", r.referer);
     field(out, "user_agent", r.user_agent);
     out.push(b'}');
 }
 
+fn key(out: &mut Vec<u8>, key: &str) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(b"\":");
+}
+
 fn field_str(out: &mut Vec<u8>, key: &str, v: Option<&str>) {
     field(out, key, v.map(str::as_bytes))
 }
 
-fn field(out: &mut Vec<u8>, key: &str, v: Option<&[u8]>) {
-    let _ = write!(out, ",\"{key}\":");
+fn field(out: &mut Vec<u8>, name: &str, v: Option<&[u8]>) {
+    key(out, name);
     match v {
         Some(v) => string(out, v),
         None => out.extend_from_slice(b"null"),
     }
 }
 
-fn field_ms(out: &mut Vec<u8>, key: &str, v: Option<std::time::Duration>) {
-    let _ = write!(out, ",\"{key}\":");
+fn field_ms(out: &mut Vec<u8>, name: &str, v: Option<std::time::Duration>) {
+    key(out, name);
     match v {
         Some(d) => write_ms(out, d),
         None => out.extend_from_slice(b"null"),
@@ -75,6 +90,14 @@ fn field_ms(out: &mut Vec<u8>, key: &str, v: Option<std::time::Duration>) {
 /// anything else is replaced (U+FFFD), so a line always parses.
 fn string(out: &mut Vec<u8>, v: &[u8]) {
     out.push(b'"');
+    // Most values need no escaping: copied whole.
+    if v.iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(v);
+        out.push(b'"');
+        return;
+    }
     for chunk in v.utf8_chunks() {
         for &b in chunk.valid().as_bytes() {
             match b {

@@ -1,7 +1,7 @@
 //! The fields of one access-log line, borrowed from the connection that
 //! ends: built on the stack, formatted at once, never stored.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, SystemTime};
 
 /// What a line records.
@@ -108,9 +108,7 @@ impl<'a> Record<'a> {
 /// Civil UTC time of `t`: (year, month 1-12, day, hour, minute, second,
 /// millisecond).
 pub fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let since = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let secs = since.as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400) as u32);
     // Howard Hinnant's civil_from_days.
@@ -134,11 +132,73 @@ pub fn civil(t: SystemTime) -> (i64, u32, u32, u32, u32, u32, u32) {
     )
 }
 
+// Lines are written without `core::fmt`: formatting machinery was most
+// of a line's cost on the connection's thread.
+
+/// A decimal number.
+pub fn put_u64(out: &mut Vec<u8>, mut n: u64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[i..]);
+}
+
+/// A decimal number of at least `width` digits, zero-padded.
+pub fn put_padded(out: &mut Vec<u8>, n: u64, width: usize) {
+    let mut digits = 1;
+    let mut m = n / 10;
+    while m > 0 {
+        digits += 1;
+        m /= 10;
+    }
+    out.extend(std::iter::repeat_n(b'0', width.saturating_sub(digits)));
+    put_u64(out, n);
+}
+
+pub fn put_ip(out: &mut Vec<u8>, ip: IpAddr) {
+    match ip {
+        IpAddr::V4(a) => {
+            for (i, o) in a.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                put_u64(out, u64::from(o));
+            }
+        }
+        IpAddr::V6(a) => {
+            use std::io::Write;
+            let _ = write!(out, "{a}");
+        }
+    }
+}
+
+/// `1.2.3.4:80` or `[::1]:80`.
+pub fn put_addr(out: &mut Vec<u8>, a: SocketAddr) {
+    match a {
+        SocketAddr::V4(v4) => put_ip(out, IpAddr::V4(*v4.ip())),
+        SocketAddr::V6(v6) => {
+            out.push(b'[');
+            put_ip(out, IpAddr::V6(*v6.ip()));
+            out.push(b']');
+        }
+    }
+    out.push(b':');
+    put_u64(out, u64::from(a.port()));
+}
+
 /// Milliseconds with microsecond precision: `12.345`.
 pub fn write_ms(out: &mut Vec<u8>, d: Duration) {
-    use std::io::Write;
-    let us = d.as_micros();
-    let _ = write!(out, "{}.{:03}", us / 1000, us % 1000);
+    let us = d.as_micros() as u64;
+    put_u64(out, us / 1000);
+    out.push(b'.');
+    put_padded(out, us % 1000, 3);
 }
 
 #[cfg(test)]
@@ -163,5 +223,12 @@ mod tests {
         v.clear();
         write_ms(&mut v, Duration::from_micros(7));
         assert_eq!(v, b"0.007");
+        v.clear();
+        put_addr(&mut v, "10.0.255.7:65535".parse().unwrap());
+        v.push(b' ');
+        put_addr(&mut v, "[2001:db8::1]:80".parse().unwrap());
+        v.push(b' ');
+        put_padded(&mut v, 7, 4);
+        assert_eq!(v, b"10.0.255.7:65535 [2001:db8::1]:80 0007");
     }
 }

@@ -75,18 +75,19 @@ impl Upstream {
             connect::first_success_excluding(set, client, exclude, |b| {
                 attempts += 1;
                 async move {
-                if !fresh {
-                    // Given back at the end of a response, a connection is
-                    // ready as soon as its task has seen that end too; one
-                    // the backend closed meanwhile fails here.
-                    while let Some((mut s, idled)) = b.keepalive.take(self.idle_timeout) {
-                        if s.ready().await.is_ok() {
-                            return Ok((s, Some(idled)));
+                    if !fresh {
+                        // Given back at the end of a response, a connection is
+                        // ready as soon as its task has seen that end too; one
+                        // the backend closed meanwhile fails here.
+                        while let Some((mut s, idled)) = b.keepalive.take(self.idle_timeout) {
+                            if s.ready().await.is_ok() {
+                                return Ok((s, Some(idled)));
+                            }
                         }
                     }
+                    self.open(set, &b, upgrades).await.map(|s| (s, None))
                 }
-                self.open(set, &b, upgrades).await.map(|s| (s, None))
-            }})
+            })
             .await?;
         Ok(Checkout {
             backend,
