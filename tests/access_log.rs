@@ -301,11 +301,7 @@ fn check_http(v: &Value, tls: (&str, &str), host: &str, cert: Option<&Leaf>) {
         Some(leaf) => {
             assert_eq!(v["client_cert_subject"], "CN=device-1", "{v}");
             let digest = ring::digest::digest(&ring::digest::SHA256, &leaf.der);
-            let hex: String = digest
-                .as_ref()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
+            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
             assert_eq!(v["client_cert_sha256"], hex.as_str(), "{v}");
         }
         None => {
@@ -374,7 +370,10 @@ async fn json_lines_for_offload_websocket_l4_and_passthrough() {
     assert_eq!(resp.status().as_u16(), 101);
     let hello = ws.next().await.unwrap().unwrap().into_data();
     ws.send(Message::text("ping")).await.unwrap();
-    assert_eq!(ws.next().await.unwrap().unwrap().into_text().unwrap(), "ping");
+    assert_eq!(
+        ws.next().await.unwrap().unwrap().into_text().unwrap(),
+        "ping"
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
         !json_lines(&log).iter().any(by_path("/ws/session")),
@@ -467,7 +466,11 @@ async fn json_lines_for_offload_websocket_l4_and_passthrough() {
     assert_eq!(count("fleetgate_access_log_lines_total", "web"), 3.0, "{m}");
     assert_eq!(count("fleetgate_access_log_lines_total", "raw"), 1.0, "{m}");
     assert_eq!(count("fleetgate_access_log_lines_total", "pt"), 1.0, "{m}");
-    assert_eq!(count("fleetgate_access_log_dropped_total", "web"), 0.0, "{m}");
+    assert_eq!(
+        count("fleetgate_access_log_dropped_total", "web"),
+        0.0,
+        "{m}"
+    );
     assert_eq!(lines(&log).len(), 5);
 }
 
@@ -503,8 +506,10 @@ async fn combined_format_is_nginx_combined() {
         .unwrap_or_else(|| panic!("not combined: {}", all[0]));
     assert_eq!(&first[1], "127.0.0.1");
     assert_eq!(&first[2], "-");
-    assert!(["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
-        .contains(&&first[4]));
+    assert!(
+        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
+            .contains(&&first[4])
+    );
     assert_eq!(&first[10], "GET /combined/a?b=c HTTP/1.1");
     assert_eq!(&first[11], "200");
     assert_eq!(first[12].parse::<usize>().unwrap(), body.len());
@@ -564,7 +569,9 @@ async fn rotation_with_mv_and_sigusr1_loses_and_repeats_nothing() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut seen: std::collections::HashMap<String, usize> = Default::default();
     for v in json_lines(&rotated).into_iter().chain(json_lines(&log)) {
-        *seen.entry(v["path"].as_str().unwrap().to_string()).or_default() += 1;
+        *seen
+            .entry(v["path"].as_str().unwrap().to_string())
+            .or_default() += 1;
     }
     for p in &sent {
         assert_eq!(seen.get(p), Some(&1), "{p}");
@@ -604,7 +611,10 @@ async fn a_blocked_destination_drops_and_counts_lines_and_serving_goes_on() {
     let (q, d) = (lb.metric(&lines_queued), lb.metric(&dropped));
     assert_eq!(q + d, n as f64);
     assert!(d > 0.0, "nothing dropped: {q} queued");
-    assert!(q * 500.0 <= fleetgate::access_log::QUEUE_BYTES as f64 + 1.0, "{q}");
+    assert!(
+        q * 500.0 <= fleetgate::access_log::QUEUE_BYTES as f64 + 1.0,
+        "{q}"
+    );
     // Still serving.
     let (status, _) = c.send("GET", "/after", &[], b"").await;
     assert_eq!(status, 200);
@@ -648,6 +658,9 @@ async fn a_reload_turns_the_access_log_on_and_off() {
     assert!(eventually(WAIT, || f.lb.metric(reloads) >= 2.0));
     ask("/after").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let paths: Vec<Value> = json_lines(&web_log).iter().map(|v| v["path"].clone()).collect();
+    let paths: Vec<Value> = json_lines(&web_log)
+        .iter()
+        .map(|v| v["path"].clone())
+        .collect();
     assert_eq!(paths, vec![Value::from("/during")]);
 }
