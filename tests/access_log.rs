@@ -664,3 +664,36 @@ async fn a_reload_turns_the_access_log_on_and_off() {
         .collect();
     assert_eq!(paths, vec![Value::from("/during")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lines_a_file_refuses_are_counted_against_their_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the file should be: every open fails.
+    let taken = dir.path().join("is-a-directory");
+    std::fs::create_dir(&taken).unwrap();
+    let setting = format!("access_log = {{ path = \"{}\" }}", taken.display());
+    let f = fixture(Some(&setting)).await;
+    let client = client_config(&f.server_ca, None, &[b"http/1.1"]);
+    let mut c = Client::connect(f.web, "device.example", client).await;
+    let n = 20;
+    for i in 0..n {
+        let (status, _) = c.send("GET", &format!("/refused/{i}"), &[], b"").await;
+        assert_eq!(status, 200, "request {i}");
+    }
+    let dropped = |l: &str| format!("fleetgate_access_log_dropped_total{{listener=\"{l}\"}}");
+    let lb = &f.lb;
+    assert!(
+        eventually(WAIT, || lb.metric(&dropped("web")) >= n as f64),
+        "{}",
+        lb.metrics()
+    );
+    assert_eq!(lb.metric(&dropped("web")), n as f64);
+    // The other listeners log to a file that works.
+    let mut s = std::net::TcpStream::connect(f.raw).unwrap();
+    let mut got = String::new();
+    std::io::Read::read_to_string(&mut s, &mut got).unwrap();
+    assert_eq!(got, "raw-backend\n");
+    drop(s);
+    wait_line(&f.log(), |v| v["type"] == "tcp").await;
+    assert_eq!(lb.metric(&dropped("raw")), 0.0);
+}

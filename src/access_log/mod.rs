@@ -30,7 +30,7 @@ use crate::metrics::Metrics;
 pub struct AccessLog {
     pub plan: AccessLogPlan,
     sink: Arc<writer::Sink>,
-    slot: usize,
+    slot: u16,
     lines: IntCounter,
     dropped: IntCounter,
 }

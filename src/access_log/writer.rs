@@ -33,9 +33,10 @@ const BATCH_PAUSE: Duration = Duration::from_millis(10);
 /// Lines of one destination, between the connections and the writer.
 struct Pending {
     buf: Vec<u8>,
-    /// Lines in `buf` per slot (listener), so that a batch the
-    /// destination refuses is counted against the listeners it came from.
-    lines: Vec<u64>,
+    /// The slot (listener) of each line in `buf`, so that lines the
+    /// destination refuses are counted against the listeners they came
+    /// from.
+    origins: Vec<u16>,
     /// The writer is waiting for lines (it needs a wake-up).
     idle: bool,
     /// SIGUSR1 asked for the file to be opened again.
@@ -77,7 +78,7 @@ impl Sink {
         let queue = Arc::new(Queue {
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(64 * 1024),
-                lines: Vec::new(),
+                origins: Vec::with_capacity(1024),
                 idle: false,
                 reopen: false,
                 closed: false,
@@ -102,28 +103,29 @@ impl Sink {
 
     /// The slot of `listener`, whose lines the destination refused are
     /// added to `dropped`. A listener keeps its slot across reloads.
-    pub fn slot(&self, listener: &str, dropped: &IntCounter) -> usize {
+    pub fn slot(&self, listener: &str, dropped: &IntCounter) -> u16 {
         let mut slots = self.slots.lock().unwrap();
-        if let Some(i) = slots.iter().position(|(n, _)| n == listener) {
-            return i;
-        }
-        slots.push((listener.to_string(), dropped.clone()));
-        slots.len() - 1
+        let i = match slots.iter().position(|(n, _)| n == listener) {
+            Some(i) => i,
+            None => {
+                slots.push((listener.to_string(), dropped.clone()));
+                slots.len() - 1
+            }
+        };
+        // Listener names are unique in a plan and slots are kept by name.
+        u16::try_from(i).unwrap_or(u16::MAX)
     }
 
     /// Queue one line (with its newline). False when the queue is full:
     /// the line is dropped. Never waits for I/O.
-    pub fn push(&self, slot: usize, line: &[u8]) -> bool {
+    pub fn push(&self, slot: u16, line: &[u8]) -> bool {
         let mut p = self.queue.pending.lock().unwrap();
         if p.buf.len() + line.len() > QUEUE_BYTES {
             return false;
         }
         let wake = p.buf.is_empty() && p.idle;
         p.buf.extend_from_slice(line);
-        if p.lines.len() <= slot {
-            p.lines.resize(slot + 1, 0);
-        }
-        p.lines[slot] += 1;
+        p.origins.push(slot);
         drop(p);
         if wake {
             self.queue.wake.notify_one();
@@ -189,7 +191,7 @@ pub fn flush_all(limit: Duration) {
 
 fn write_loop(queue: &Queue, slots: &Mutex<Vec<(String, IntCounter)>>, out: &mut Output) {
     let mut batch: Vec<u8> = Vec::with_capacity(64 * 1024);
-    let mut lines: Vec<u64> = Vec::new();
+    let mut origins: Vec<u16> = Vec::with_capacity(1024);
     loop {
         let (reopen, closed) = {
             let mut p = queue.pending.lock().unwrap();
@@ -200,7 +202,7 @@ fn write_loop(queue: &Queue, slots: &Mutex<Vec<(String, IntCounter)>>, out: &mut
             }
             p.idle = false;
             std::mem::swap(&mut p.buf, &mut batch);
-            std::mem::swap(&mut p.lines, &mut lines);
+            std::mem::swap(&mut p.origins, &mut origins);
             (std::mem::take(&mut p.reopen), p.closed)
         };
         if reopen {
@@ -208,22 +210,17 @@ fn write_loop(queue: &Queue, slots: &Mutex<Vec<(String, IntCounter)>>, out: &mut
         }
         if !batch.is_empty() {
             let refused = out.write(&batch);
-            if refused > 0 {
+            if refused.iter().any(|r| *r) {
                 let slots = slots.lock().unwrap();
-                if refused == usize::MAX {
-                    // The whole batch: counted against the listeners it
-                    // came from.
-                    for (n, (_, dropped)) in lines.iter().zip(slots.iter()) {
-                        dropped.inc_by(*n);
+                let refused = origins.iter().zip(refused.iter().copied());
+                for (origin, _) in refused.filter(|(_, r)| *r) {
+                    if let Some((_, dropped)) = slots.get(usize::from(*origin)) {
+                        dropped.inc();
                     }
-                } else if let Some((_, dropped)) = slots.first() {
-                    // Lines refused one by one (syslog): the batch's
-                    // origin is not kept per line.
-                    dropped.inc_by(refused as u64);
                 }
             }
             batch.clear();
-            lines.iter_mut().for_each(|n| *n = 0);
+            origins.clear();
         }
         if closed {
             let p = queue.pending.lock().unwrap();
@@ -261,24 +258,24 @@ impl Output {
         }
     }
 
-    /// Write a batch of whole lines. Returns how many lines were lost:
-    /// 0, `usize::MAX` for the whole batch, or a count.
-    fn write(&mut self, batch: &[u8]) -> usize {
+    /// Write a batch of whole lines. Returns, per line, whether it was
+    /// lost (empty: none was).
+    fn write(&mut self, batch: &[u8]) -> Vec<bool> {
         let written = match &self.destination {
             Destination::Stdout => io::stdout().lock().write_all(batch),
             Destination::Syslog => {
-                let refused = batch
-                    .split(|b| *b == b'\n')
-                    .filter(|l| !l.is_empty())
-                    .filter(|l| !crate::syslog::send_access(&String::from_utf8_lossy(l)))
-                    .count();
-                return refused;
+                let lines = batch.split(|b| *b == b'\n').filter(|l| !l.is_empty());
+                // Lines are formatted from UTF-8 (JSON) or escaped to
+                // ASCII (combined): the lossy conversion copies nothing.
+                return lines
+                    .map(|l| !crate::syslog::send_access(&String::from_utf8_lossy(l)))
+                    .collect();
             }
             Destination::File(path) => {
                 if self.file.is_none() {
                     match open_append(path) {
                         Ok(f) => self.file = Some(f),
-                        Err(e) => return self.failed(&e),
+                        Err(e) => return self.failed(batch, &e),
                     }
                 }
                 let file = self.file.as_mut().expect("opened above");
@@ -288,23 +285,24 @@ impl Output {
         match written {
             Ok(()) => {
                 self.failing = false;
-                0
+                Vec::new()
             }
             Err(e) => {
                 // Opened again for the next batch: the file may have been
                 // deleted or its disk replaced.
                 self.file = None;
-                self.failed(&e)
+                self.failed(batch, &e)
             }
         }
     }
 
-    fn failed(&mut self, e: &io::Error) -> usize {
+    /// The whole batch is lost.
+    fn failed(&mut self, batch: &[u8], e: &io::Error) -> Vec<bool> {
         if !self.failing {
             self.failing = true;
             tracing::warn!(destination = ?self.destination, "access log lines dropped: {e}");
         }
-        usize::MAX
+        vec![true; batch.iter().filter(|b| **b == b'\n').count()]
     }
 }
 
