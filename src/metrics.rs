@@ -33,6 +33,9 @@ pub struct Metrics {
     pub discovery_nodes: IntGaugeVec,
     pub discovery_heartbeat_age: prometheus::GaugeVec,
     pub http_hardening: HttpHardening,
+    /// Access-log lines queued, and dropped (queue full or write error).
+    pub access_log_lines: IntCounterVec,
+    pub access_log_dropped: IntCounterVec,
 }
 
 /// Request hardening on offload listeners: what was dropped, retried or
@@ -146,6 +149,18 @@ impl Metrics {
             heartbeats_accepted: accepted,
             discovery_heartbeat_age: age,
             http_hardening: HttpHardening::new(&r),
+            access_log_lines: counter(
+                &r,
+                "access_log_lines_total",
+                "Access-log lines queued for writing.",
+                &["listener"],
+            ),
+            access_log_dropped: counter(
+                &r,
+                "access_log_dropped_total",
+                "Access-log lines dropped: the queue was full or the destination refused them.",
+                &["listener"],
+            ),
             heartbeats_rejected: counter(
                 &r,
                 "discovery_heartbeats_rejected_total",

@@ -44,6 +44,8 @@ pub struct ListenerShared {
     pub reject_log: Arc<RateLimit>,
     /// `None` unless `[listener.per_source]` is configured.
     pub source_limits: Option<SourceLimits>,
+    /// `None` unless the listener has `access_log`.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }
 
 /// The listener mode with its pools resolved for this plan.
@@ -105,7 +107,12 @@ fn spawn_mode<G: Send + 'static>(
             let ModeRuntime::Tcp(pool) = &ctx.mode else {
                 unreachable!("matched above")
             };
-            tcp::forward(client, peer, destination, &ctx, pool).await;
+            let seen = tcp::Seen {
+                kind: crate::access_log::Kind::Tcp,
+                started: std::time::Instant::now(),
+                sni: None,
+            };
+            tcp::forward(client, peer, destination, &ctx, pool, seen).await;
             drop(guard);
         }),
         ModeRuntime::Passthrough(_) => tokio::spawn(async move {

@@ -8,7 +8,9 @@ use std::time::Duration;
 use prometheus::IntCounterVec;
 use tokio::net::TcpStream;
 
+use super::tcp::{Outcome, Seen};
 use super::ListenerShared;
+use crate::access_log::Kind;
 use crate::balance::Pool;
 use crate::host_match::HostMatch;
 use crate::tls::client_hello::peek_client_hello;
@@ -50,20 +52,51 @@ pub async fn serve(
     pt: &Passthrough,
 ) {
     let listener = ctx.plan.name.as_str();
-    let reject = |reason: &str, detail: &dyn std::fmt::Display| {
+    let started = std::time::Instant::now();
+    let reject = |reason: &str, sni: Option<&str>, detail: &dyn std::fmt::Display| {
         pt.rejected.with_label_values(&[listener, reason]).inc();
+        let seen = Seen {
+            kind: Kind::Passthrough,
+            started,
+            sni,
+        };
+        // A ClientHello that could not be read is a bad request; a name
+        // no rule takes is refused.
+        let status = if sni.is_some() || reason == "no_sni" {
+            403
+        } else {
+            400
+        };
+        let outcome = Outcome {
+            status,
+            upstream: None,
+            connect: None,
+            retries: 0,
+            report: None,
+            close: reason,
+        };
+        super::tcp::log(ctx, peer, &seen, outcome);
         if let Some(held) = ctx.reject_log.allow() {
             tracing::info!(listener, %peer, reason, "passthrough connection closed: {detail} ({held} rejections suppressed)");
         }
     };
     let hello = match peek_client_hello(&client, pt.hello_max_bytes, pt.hello_timeout).await {
         Ok(h) => h,
-        Err(e) => return reject(e.reason(), &e),
+        Err(e) => return reject(e.reason(), None, &e),
     };
-    match pt.choose(hello.sni.as_deref()) {
-        Ok(pool) => super::tcp::forward(client, peer, destination, ctx, pool).await,
+    let sni = hello.sni.as_deref();
+    match pt.choose(sni) {
+        Ok(pool) => {
+            let seen = Seen {
+                kind: Kind::Passthrough,
+                started,
+                sni,
+            };
+            super::tcp::forward(client, peer, destination, ctx, pool, seen).await
+        }
         Err(reason) => reject(
             reason,
+            sni,
             &format_args!("no pool for server name {:?}", hello.sni),
         ),
     }

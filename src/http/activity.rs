@@ -10,6 +10,7 @@ use std::task::{Context, Poll};
 
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 
+use super::access;
 use super::at_end::EndHook;
 use super::upstream::Body;
 
@@ -127,15 +128,29 @@ impl Drop for BodyWatch {
     }
 }
 
-/// A response body carrying its request's [`Busy`] until hyper drops it.
+/// A response body carrying its request's [`Busy`] until hyper drops it,
+/// and its access-log entry, written then.
 pub struct ResponseBody {
     inner: Body,
     _busy: Option<Busy>,
+    entry: access::Slot,
 }
 
 impl ResponseBody {
-    pub fn new(inner: Body, busy: Option<Busy>) -> ResponseBody {
-        ResponseBody { inner, _busy: busy }
+    pub fn new(inner: Body, busy: Option<Busy>, entry: access::Slot) -> ResponseBody {
+        ResponseBody {
+            inner,
+            _busy: busy,
+            entry,
+        }
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(e) = self.entry.take() {
+            e.finish(None);
+        }
     }
 }
 
@@ -147,7 +162,14 @@ impl HttpBody for ResponseBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let (Some(e), Poll::Ready(Some(Ok(frame)))) = (&mut this.entry, &polled) {
+            if let Some(d) = frame.data_ref() {
+                e.bytes_out += d.len() as u64;
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -12,6 +12,9 @@ use hyper::body::{Body as HttpBody, Bytes, Frame, Incoming, SizeHint};
 /// per body by [`AtEnd`], and must be harmless if called again.
 pub trait EndHook: Unpin {
     fn ended(&mut self);
+
+    /// A data frame of `n` bytes went through (for byte counts).
+    fn data(&mut self, _n: usize) {}
 }
 
 pub struct AtEnd<H: EndHook> {
@@ -39,6 +42,11 @@ impl<H: EndHook> HttpBody for AtEnd<H> {
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(d) = frame.data_ref() {
+                this.hook.data(d.len());
+            }
+        }
         match &polled {
             Poll::Ready(None) => this.hook.ended(),
             Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.hook.ended(),

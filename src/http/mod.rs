@@ -1,6 +1,7 @@
 //! TLS offload: terminate TLS, route HTTP requests by host and path, and
 //! forward them (with the verified client certificate) to a pool.
 
+pub mod access;
 pub mod activity;
 pub mod at_end;
 pub mod h2_guard;
@@ -57,6 +58,9 @@ pub struct ConnInfo {
     /// ALPN chose HTTP/2.
     pub h2: bool,
     pub client_cert: Option<Arc<ClientCert>>,
+    /// For the access log: `TLSv1.3`, and rustls' name of the cipher suite.
+    pub tls_version: &'static str,
+    pub tls_cipher: &'static str,
 }
 
 /// HTTP behaviour of an offload listener.
@@ -248,4 +252,6 @@ pub struct Offload {
     pub bytes: crate::l4::ByteCounters,
     /// The process's drain signal.
     pub drain: crate::drain::Drain,
+    /// `None` unless the listener has `access_log`.
+    pub access_log: Option<Arc<crate::access_log::AccessLog>>,
 }

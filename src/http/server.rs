@@ -21,6 +21,7 @@ use tokio::time::{Duration, Instant, Sleep};
 
 use arc_swap::ArcSwap;
 
+use super::access::Entry;
 use super::activity::{Activity, BodyWatch, ResponseBody};
 use super::{service, ClientCert, ConnInfo, Offload};
 use crate::tls::refusal::Reason;
@@ -130,6 +131,15 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, slot: Arc<ArcSwap<Offload>>
     let alpn = session.alpn_protocol();
     m.handshake_version(version, alpn);
     let h2 = alpn == Some(b"h2");
+    let tls_version = match version {
+        "1.3" => "TLSv1.3",
+        "1.2" => "TLSv1.2",
+        _ => "other",
+    };
+    let tls_cipher = session
+        .negotiated_cipher_suite()
+        .and_then(|s| s.suite().as_str())
+        .unwrap_or("unknown");
     // Everything a connection keeps for its whole life is kept once:
     // the listener's name is shared, the server name moves out of the
     // TLS stream.
@@ -140,6 +150,8 @@ pub async fn serve(tcp: TcpStream, peer: SocketAddr, slot: Arc<ArcSwap<Offload>>
         sni: tls.take_server_name(),
         h2,
         client_cert,
+        tls_version,
+        tls_cipher,
     });
 
     let svc = Svc {
@@ -430,9 +442,13 @@ impl hyper::service::Service<Request<Incoming>> for Svc {
             }
         }
         let (offload, conn) = (self.slot.load_full(), self.conn.clone());
+        let mut entry = Entry::begin(&offload, &conn, &req);
         Box::pin(async move {
-            let resp = service::handle(offload, conn, req, watch).await;
-            Ok(resp.map(|body| ResponseBody::new(body, busy)))
+            let resp = service::handle(offload, conn, req, watch, &mut entry).await;
+            if let Some(e) = &mut entry {
+                e.status = resp.status().as_u16();
+            }
+            Ok(resp.map(|body| ResponseBody::new(body, busy, entry)))
         })
     }
 }

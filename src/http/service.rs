@@ -9,6 +9,7 @@ use hyper::body::{Body as _, Bytes, Incoming};
 use hyper::header::{HeaderValue, CONNECTION, STRICT_TRANSPORT_SECURITY, UPGRADE};
 use hyper::{Method, Request, Response, StatusCode, Version};
 
+use super::access::{Counted, Slot};
 use super::activity::BodyWatch;
 use super::at_end::AtEnd;
 use super::head::{self, Rejected};
@@ -22,6 +23,7 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
     body_watch: BodyWatch,
+    entry: &mut Slot,
 ) -> Response<Body> {
     let started = Instant::now();
     let (mut parts, body) = req.into_parts();
@@ -51,10 +53,20 @@ pub async fn handle(
         }
     };
     let route = &offload.routes[routed.route];
+    if let Some(e) = entry {
+        e.route = Some(routed.route);
+    }
     let req = Request::from_parts(parts, body);
     let resp = match &route.target {
         TargetRuntime::Pool(up) => {
-            proxy(&offload, route, up, &conn, req, body_watch, &routed.host).await
+            let to = Forward {
+                offload: &offload,
+                route,
+                up,
+                conn: &conn,
+                host: &routed.host,
+            };
+            proxy(to, req, body_watch, entry).await
         }
         TargetRuntime::Module(module) => {
             // The module reads the body itself, so its end is not seen
@@ -133,15 +145,28 @@ fn copy_head<B>(req: &Request<B>) -> Request<Body> {
     copy
 }
 
+/// Where a request is forwarded, and what it came with.
+struct Forward<'a> {
+    offload: &'a Offload,
+    route: &'a RouteRuntime,
+    up: &'a Arc<Upstream>,
+    conn: &'a ConnInfo,
+    host: &'a str,
+}
+
 async fn proxy(
-    offload: &Offload,
-    route: &RouteRuntime,
-    up: &Arc<Upstream>,
-    conn: &ConnInfo,
+    to: Forward<'_>,
     mut req: Request<Incoming>,
     body_watch: BodyWatch,
-    host: &str,
+    entry: &mut Slot,
 ) -> Response<Body> {
+    let Forward {
+        offload,
+        route,
+        up,
+        conn,
+        host,
+    } = to;
     let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
@@ -178,9 +203,14 @@ async fn proxy(
     // A request without a body can be sent again if a reused keep-alive
     // connection turns out to have been closed by the backend.
     let resendable = body.is_end_stream() && idempotent(&parts.method);
-    let body = AtEnd::new(body, body_watch);
+    let counted = Counted {
+        hook: body_watch,
+        bytes: entry.as_ref().and_then(|e| e.bytes_in.clone()),
+    };
+    let body = AtEnd::new(body, counted);
     let mut request = Request::from_parts(parts, body.boxed());
 
+    let asked = Instant::now();
     let mut checkout = match up.checkout(peer, upgrade, upgrade, &[]).await {
         Ok(c) => c,
         Err(Unreachable::NoBackend) => {
@@ -212,14 +242,28 @@ async fn proxy(
     // Backends this request failed on, each tried once at most.
     let mut failed_on: Vec<std::net::SocketAddr> = Vec::new();
     let mut stale_resent = false;
+    let mut retries = checkout.attempts.saturating_sub(1);
+    if let Some(e) = entry.as_deref_mut() {
+        e.upstream_connect = Some(asked.elapsed());
+    }
     let mut resp = loop {
         let backend = checkout.backend.clone();
+        let sending = Instant::now();
+        if let Some(e) = entry.as_deref_mut() {
+            e.upstream = Some(backend.addr);
+            e.retries = retries;
+        }
         let sent = {
             let _open = backend.track();
             tokio::time::timeout(timeout, checkout.sender.try_send_request(request)).await
         };
         let (unsent, e) = match sent {
-            Ok(Ok(r)) => break r,
+            Ok(Ok(r)) => {
+                if let Some(e) = entry.as_deref_mut() {
+                    e.upstream_response = Some(sending.elapsed());
+                }
+                break r;
+            }
             Ok(Err(mut e)) => (e.take_message(), e.into_error()),
             Err(_) => {
                 offload.metrics.upstream_timeout.inc();
@@ -259,6 +303,7 @@ async fn proxy(
             backend.record_failure(checkout.policy);
             failed_on.push(backend.addr);
         }
+        let asked = Instant::now();
         checkout = match up.checkout(peer, true, false, &failed_on).await {
             Ok(c) => c,
             Err(_) => {
@@ -267,6 +312,10 @@ async fn proxy(
             }
         };
         offload.metrics.upstream_retries.inc();
+        retries += checkout.attempts;
+        if let Some(e) = entry.as_deref_mut() {
+            e.upstream_connect = Some(asked.elapsed());
+        }
         request = again;
     };
 
@@ -276,7 +325,13 @@ async fn proxy(
             .headers()
             .get(UPGRADE)
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-        super::upgrade::spawn_relay(client_side, backend_side, websocket, offload, conn);
+        // The session is logged when it ends, with its bytes, instead
+        // of when the 101 has been sent.
+        let session = entry.take().map(|mut e| {
+            e.status = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+            e
+        });
+        super::upgrade::spawn_relay(client_side, backend_side, websocket, offload, conn, session);
         let (mut parts, _) = resp.into_parts();
         // Keep Upgrade/Connection: they are the point of a 101.
         let up_hdr = parts.headers.get(UPGRADE).cloned();

@@ -8,7 +8,7 @@
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
-use super::{ws_relay, ConnInfo, Offload};
+use super::{access, ws_relay, ConnInfo, Offload};
 use crate::l4::{relay::relay, PumpEnd};
 
 pub fn spawn_relay(
@@ -17,6 +17,7 @@ pub fn spawn_relay(
     websocket: bool,
     offload: &Offload,
     conn: &ConnInfo,
+    session: access::Slot,
 ) {
     let idle = offload.http.upgrade_idle_timeout;
     let gauge = offload.metrics.upgraded.clone();
@@ -32,6 +33,9 @@ pub fn spawn_relay(
             Ok(pair) => pair,
             Err(e) => {
                 tracing::debug!(%peer, "upgrade failed: {e}");
+                if let Some(entry) = session {
+                    entry.finish(Some((0, 0, "upgrade_failed")));
+                }
                 return;
             }
         };
@@ -43,6 +47,10 @@ pub fn spawn_relay(
             relay(client, backend, idle, &counters).await
         };
         gauge.dec();
+        if let Some(entry) = session {
+            let (up, down) = (report.upstream_bytes, report.downstream_bytes);
+            entry.finish(Some((up, down, report.end.reason())));
+        }
         if let PumpEnd::Error(e) = report.end {
             tracing::debug!(%peer, "upgraded stream ended: {e}");
         }

@@ -39,6 +39,8 @@ pub struct Checkout {
     /// Backends that could take the request again, this one included.
     pub eligible: usize,
     pub policy: PassivePolicy,
+    /// Backends tried to get this connection (1 when the first worked).
+    pub attempts: u32,
     /// The thread whose runtime drives the connection: it goes back to
     /// that thread's list only.
     home: ThreadId,
@@ -68,19 +70,23 @@ impl Upstream {
         // applies to the next request.
         let set = self.pool.members();
         let set = &*set;
+        let mut attempts = 0;
         let (backend, (sender, idled)) =
-            connect::first_success_excluding(set, client, exclude, |b| async move {
-                if !fresh {
-                    // Given back at the end of a response, a connection is
-                    // ready as soon as its task has seen that end too; one
-                    // the backend closed meanwhile fails here.
-                    while let Some((mut s, idled)) = b.keepalive.take(self.idle_timeout) {
-                        if s.ready().await.is_ok() {
-                            return Ok((s, Some(idled)));
+            connect::first_success_excluding(set, client, exclude, |b| {
+                attempts += 1;
+                async move {
+                    if !fresh {
+                        // Given back at the end of a response, a connection is
+                        // ready as soon as its task has seen that end too; one
+                        // the backend closed meanwhile fails here.
+                        while let Some((mut s, idled)) = b.keepalive.take(self.idle_timeout) {
+                            if s.ready().await.is_ok() {
+                                return Ok((s, Some(idled)));
+                            }
                         }
                     }
+                    self.open(set, &b, upgrades).await.map(|s| (s, None))
                 }
-                self.open(set, &b, upgrades).await.map(|s| (s, None))
             })
             .await?;
         Ok(Checkout {
@@ -89,6 +95,7 @@ impl Upstream {
             idled,
             eligible: set.eligible(),
             policy: set.passive_policy(),
+            attempts,
             home: thread::current().id(),
         })
     }

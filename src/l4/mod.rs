@@ -84,6 +84,22 @@ pub enum PumpEnd {
     Error(io::Error),
 }
 
+impl PumpEnd {
+    /// A short, bounded word for the access log.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            PumpEnd::Closed => "closed",
+            PumpEnd::IdleTimeout => "idle_timeout",
+            PumpEnd::Error(e) => match e.kind() {
+                io::ErrorKind::ConnectionReset => "reset",
+                io::ErrorKind::BrokenPipe => "broken_pipe",
+                io::ErrorKind::TimedOut => "timed_out",
+                _ => "error",
+            },
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct PumpReport {
     pub end: PumpEnd,

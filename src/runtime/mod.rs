@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::AccessLog;
 use crate::balance::{MemberSource, Pool, PoolPlan, StaticMembers};
 use crate::config::{self, ListenerMode, ListenerPlan, Plan, Target};
 use crate::discovery::{DiscoveredMembers, Discovery, DiscoveryOptions};
@@ -234,7 +235,8 @@ impl Runtime {
                 .as_ref()
                 .map_or_else(|| Arc::new(RateLimit::new(1000)), |s| s.reject_log.clone());
             let old_slot = running.and_then(|r| r.offload.clone());
-            let mode = self.mode_runtime(l, &applied.pools, &metrics, old_slot);
+            let access_log = self.access_log(l);
+            let mode = self.mode_runtime(l, &applied.pools, &metrics, old_slot, &access_log);
             let offload = match &mode {
                 ModeRuntime::Offload(slot) => Some(slot.clone()),
                 _ => None,
@@ -245,6 +247,7 @@ impl Runtime {
                 plan: l.clone(),
                 reject_log,
                 source_limits,
+                access_log,
             });
             if let Some(running) = applied.listeners.get_mut(&l.bind) {
                 running.shared.store(shared);
@@ -320,6 +323,16 @@ impl Runtime {
         sources
     }
 
+    /// The listener's access log, if it has one: new connections log
+    /// with the plan's settings (listeners logging to one destination
+    /// share its writer, which stays across reloads).
+    fn access_log(&self, l: &ListenerPlan) -> Option<Arc<AccessLog>> {
+        let plan = l.access_log.as_ref()?;
+        AccessLog::new(plan, &l.name, &self.metrics)
+            .inspect_err(|e| tracing::error!(listener = %l.name, "access log not started: {e}"))
+            .ok()
+    }
+
     /// Resolve a listener's pools (and, for offload, its upstreams and
     /// routes, stored into `slot` when the listener already had one).
     fn mode_runtime(
@@ -328,6 +341,7 @@ impl Runtime {
         pools: &HashMap<String, Arc<Pool>>,
         metrics: &ListenerMetrics,
         slot: Option<Arc<ArcSwap<Offload>>>,
+        access_log: &Option<Arc<AccessLog>>,
     ) -> ModeRuntime {
         match &l.mode {
             ListenerMode::Tcp { pool } => ModeRuntime::Tcp(pools[pool].clone()),
@@ -385,6 +399,7 @@ impl Runtime {
                     metrics: om,
                     bytes: metrics.bytes.clone(),
                     drain: self.drain.clone(),
+                    access_log: access_log.clone(),
                 });
                 match slot {
                     Some(slot) => {
@@ -478,6 +493,8 @@ pub struct Signals {
     hup: tokio::signal::unix::Signal,
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
+    /// Reopen access-log files (after logrotate moved them).
+    usr1: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -488,6 +505,7 @@ impl Signals {
             hup: signal(SignalKind::hangup())?,
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
+            usr1: signal(SignalKind::user_defined1())?,
         })
     }
 }
@@ -499,6 +517,7 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         mut hup,
         mut term,
         mut int,
+        mut usr1,
     } = signals;
     loop {
         tokio::select! {
@@ -514,6 +533,10 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
                 }
                 Err(e) => tracing::error!("reload refused, the running configuration stays: {e:#}"),
             },
+            _ = usr1.recv() => {
+                crate::access_log::reopen_all();
+                tracing::info!("access log files reopened");
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
@@ -523,6 +546,7 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         module.shutdown().await;
         tracing::info!(module = %name, "module stopped");
     }
+    crate::access_log::flush_all(Duration::from_secs(2));
     Ok(())
 }
 
