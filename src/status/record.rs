@@ -34,13 +34,16 @@ pub struct Rates {
     pub requests: f64,
 }
 
+/// Connections accepted and requests answered, by listener.
+type Counts = HashMap<String, (f64, f64)>;
+
 #[derive(Default)]
 struct Inner {
     loaded_at: Option<SystemTime>,
     last_reload: Option<Reload>,
     cert_series: HashSet<[String; 4]>,
     warned_at: Option<Instant>,
-    last_sample: Option<(Instant, HashMap<String, (f64, f64)>)>,
+    last_sample: Option<(Instant, Counts)>,
     rates: HashMap<String, Rates>,
 }
 
@@ -119,8 +122,8 @@ impl Record {
 }
 
 /// Connections accepted and HTTP requests answered, per listener.
-pub fn listener_counts(metrics: &Metrics) -> HashMap<String, (f64, f64)> {
-    let mut out: HashMap<String, (f64, f64)> = HashMap::new();
+pub fn listener_counts(metrics: &Metrics) -> Counts {
+    let mut out = Counts::new();
     for (name, n) in sum_by_listener(&metrics.connections_accepted) {
         out.entry(name).or_default().0 += n;
     }
