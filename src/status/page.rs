@@ -398,14 +398,16 @@ mod tests {
             "version": "1",
             "config": "/etc/<x>.toml",
             "listeners": [{"name": "a\"><script>alert(1)</script>", "mode": "tcp", "bind": "1", "pools": ["p&q"]}],
-            "pools": [{"name": "p'x", "algorithm": "R", "backends": [{"address": "<b>", "up": false, "reason": "x<y", "role": "primary"}]}],
+            "pools": [{"name": "p'x", "algorithm": "R", "backends": [{"address": "<u>", "up": false, "reason": "x<y", "role": "primary"}]}],
             "certificates": [{"listener": "<l>", "pool": "", "subject": "CN=<evil>", "sans": ["DNS:<a>"], "fingerprint": "ab", "expiring": true}],
             "modules": [{"name": "m<", "kind": "k", "status": {"a<": "<v>"}}],
         });
         let page = render(&doc);
         // The only tags are the page's own.
         assert!(!page.contains("<script>alert"));
-        assert!(!page.contains("<evil>") && !page.contains("<b>") && !page.contains("<x>"));
+        for raw in ["<evil>", "<u>", "<x>", "<l>", "<v>", "<a>", "x<y"] {
+            assert!(!page.contains(raw), "{raw} unescaped");
+        }
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page.contains("pool-p&#39;x"));
         assert!(page.contains("class=\"expiring\""));
