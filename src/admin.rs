@@ -1,4 +1,5 @@
-//! The admin listener: `/metrics` (Prometheus text) and `/healthz`.
+//! The admin listener: `/metrics` (Prometheus text), `/healthz`, the
+//! status page at `/` and its JSON twin `/status`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -58,7 +59,40 @@ async fn dispatch(rt: Arc<Runtime>, req: Request<Incoming>) -> Response<Body> {
             None => boxed(text(StatusCode::NOT_FOUND, "no such module admin API\n")),
         };
     }
-    boxed(route(&rt, req))
+    match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/") => {
+            let doc = crate::status::document(&rt).await;
+            boxed(status_page(&doc))
+        }
+        (&Method::GET, "/status") => {
+            let doc = crate::status::document(&rt).await;
+            boxed(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(
+                        serde_json::to_vec_pretty(&doc).expect("JSON of plain values"),
+                    )))
+                    .expect("static response"),
+            )
+        }
+        _ => boxed(route(&rt, req)),
+    }
+}
+
+/// The page loads nothing from anywhere: the policy says so to the
+/// browser, which then also refuses anything injected into it.
+fn status_page(doc: &serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "text/html; charset=utf-8")
+        .header(
+            "content-security-policy",
+            crate::status::page::CONTENT_SECURITY_POLICY,
+        )
+        .header("x-content-type-options", "nosniff")
+        .header("referrer-policy", "no-referrer")
+        .header("cache-control", "no-store")
+        .body(Full::new(Bytes::from(crate::status::page::render(doc))))
+        .expect("static response")
 }
 
 fn boxed(r: Response<Full<Bytes>>) -> Response<Body> {
@@ -72,14 +106,7 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .body(Full::new(Bytes::from(rt.metrics.render())))
             .expect("static response"),
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/status") => Response::builder()
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(
-                serde_json::to_vec_pretty(&crate::status::document(rt))
-                    .expect("JSON of plain values"),
-            )))
-            .expect("static response"),
-        (_, "/metrics" | "/healthz" | "/status") => {
+        (_, "/" | "/metrics" | "/healthz" | "/status") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),

@@ -32,6 +32,8 @@ pub struct Metrics {
     pub heartbeats_rejected: IntCounterVec,
     pub discovery_nodes: IntGaugeVec,
     pub discovery_heartbeat_age: prometheus::GaugeVec,
+    /// notAfter of each certificate in use (see `tls::inventory`).
+    pub tls_certificate_expiry: prometheus::GaugeVec,
     pub http_hardening: HttpHardening,
     /// Access-log lines queued, and dropped (queue full or write error).
     pub access_log_lines: IntCounterVec,
@@ -145,7 +147,18 @@ impl Metrics {
         r.register(Box::new(age.clone()))
             .expect("metric registration");
         crate::syslog::register_metrics(&r);
+        let expiry = prometheus::GaugeVec::new(
+            Opts::new(
+                "tls_certificate_expiry_timestamp_seconds",
+                "notAfter (unix seconds) of each certificate in use, by listener or pool and role (server, client_ca, pool_ca, pool_client).",
+            ),
+            &["listener", "pool", "role", "fingerprint"],
+        )
+        .expect("metric definition");
+        r.register(Box::new(expiry.clone()))
+            .expect("metric registration");
         Metrics {
+            tls_certificate_expiry: expiry,
             heartbeats_accepted: accepted,
             discovery_heartbeat_age: age,
             http_hardening: HttpHardening::new(&r),

@@ -302,7 +302,11 @@ fn admin_routes() {
     assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
     assert!(healthz.ends_with("\r\n\r\nok\n"), "{healthz:?}");
 
-    for path in ["/", "/nope", "/metrics/extra", "/healthz2"] {
+    // `/` is the status page (tests/status_page.rs).
+    let page = http_get(fg.admin, "/").unwrap();
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+
+    for path in ["/nope", "/metrics/extra", "/healthz2"] {
         let r = http_get(fg.admin, path).unwrap();
         assert!(r.starts_with("HTTP/1.1 404"), "{path}: {r}");
     }

@@ -62,6 +62,17 @@ pub struct Backend {
     in_rotation: AtomicBool,
     /// Idle HTTP/1.1 connections to this backend, per worker thread.
     pub keepalive: KeepAlive,
+    /// The last active probe, for the status page (once per interval, so
+    /// a lock costs nothing on the connection path, which never reads it).
+    last_check: std::sync::Mutex<Option<LastCheck>>,
+}
+
+/// The outcome of the last active health probe.
+#[derive(Debug, Clone)]
+pub struct LastCheck {
+    pub at: std::time::SystemTime,
+    /// `Ok`, or why the probe failed.
+    pub result: Result<(), String>,
 }
 
 /// Passive-health thresholds, copied from the pool plan.
@@ -87,6 +98,7 @@ impl Backend {
             reported_up: AtomicBool::new(true),
             in_rotation: AtomicBool::new(true),
             keepalive: KeepAlive::default(),
+            last_check: std::sync::Mutex::new(None),
         }
     }
 
@@ -109,6 +121,45 @@ impl Backend {
         } else {
             "up"
         }
+    }
+
+    /// Why the backend is out, in words, or `None` when it is up.
+    pub fn down_reason(&self) -> Option<String> {
+        let now = now_ms();
+        if !self.check_up.load(Ordering::Relaxed) {
+            let why = match self.last_check() {
+                Some(LastCheck {
+                    result: Err(why), ..
+                }) => format!(": {why}"),
+                _ => String::new(),
+            };
+            Some(format!("health check failing{why}"))
+        } else {
+            let until = self.down_until_ms.load(Ordering::Relaxed);
+            (until > now).then(|| {
+                format!(
+                    "connect failures: out for {:.1} s more",
+                    (until - now) as f64 / 1000.0
+                )
+            })
+        }
+    }
+
+    /// Record the result of one active probe.
+    pub fn record_check(&self, result: Result<(), String>) {
+        let check = LastCheck {
+            at: std::time::SystemTime::now(),
+            result,
+        };
+        *self.last_check.lock().unwrap_or_else(|e| e.into_inner()) = Some(check);
+    }
+
+    /// The last active probe, if the pool has health checks.
+    pub fn last_check(&self) -> Option<LastCheck> {
+        self.last_check
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Whether connections to it may be kept for reuse.

@@ -40,6 +40,7 @@ async fn probe_loop(backend: Arc<Backend>, plan: HealthPlan, tls: Arc<rustls::Cl
         let result = tokio::time::timeout(plan.timeout, probe(&plan, backend.addr, &tls))
             .await
             .unwrap_or_else(|_| Err(format!("no answer within {:?}", plan.timeout)));
+        backend.record_check(result.clone());
         match result {
             Ok(()) => {
                 backend.metrics.checks_ok.inc();

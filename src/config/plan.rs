@@ -130,6 +130,8 @@ pub struct OffloadPlan {
     pub tls: Arc<rustls::ServerConfig>,
     /// Checked after every handshake (resumed sessions skip the verifier).
     pub revocation: Option<crate::tls::revocation::RevocationList>,
+    /// The certificates `tls` was built from, for the inventory.
+    pub certificates: crate::tls::inventory::UsedCerts,
     pub cert_headers: CertHeaders,
     pub http: HttpPlan,
     pub routes: Vec<RoutePlan>,

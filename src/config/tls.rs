@@ -11,11 +11,12 @@ use super::error::{Seg, SemanticError};
 use super::schema;
 use super::validate::Env;
 use crate::module::devices::ca::DeviceCa;
+use crate::tls::inventory::{Role, UsedCert, UsedCerts};
 use crate::tls::revocation::RevocationList;
 use crate::tls::server::{build_server_config, ClientAuth, ServerTlsOptions, SniCert};
 use crate::tls::upstream::{UpstreamTls, UpstreamTlsOptions};
 use crate::tls::{certs, MinVersion};
-use rustls::pki_types::{pem::PemObject, PrivateKeyDer};
+use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
 use rustls::RootCertStore;
 
 fn at(path: &[Seg], key: &str) -> Vec<Seg> {
@@ -35,14 +36,23 @@ fn min_version(v: &Option<String>, path: &[Seg]) -> Result<MinVersion, SemanticE
     }
 }
 
-/// The server config of an offload listener, and the revocation list to
-/// check after each handshake when its client CA is a module's.
+/// The server config of an offload listener, the revocation list to
+/// check after each handshake when its client CA is a module's, and the
+/// certificates it uses (for the certificate inventory).
 pub fn server(
     t: &schema::ListenerTls,
     env: &mut Env,
     path: Vec<Seg>,
-) -> Result<(Arc<rustls::ServerConfig>, Option<RevocationList>), SemanticError> {
+) -> Result<(Arc<rustls::ServerConfig>, Option<RevocationList>, UsedCerts), SemanticError> {
     let err = |key: &str, e: String| SemanticError::new(at(&path, key), e);
+    let mut used = Vec::new();
+    let leaf = |role, origin: &str, key: &rustls::sign::CertifiedKey| {
+        key.cert.first().map(|der| UsedCert {
+            role,
+            origin: origin.to_string(),
+            der: der.clone(),
+        })
+    };
     let default = if t.cert == "auto" {
         auto_cert(t, env).map_err(|e| err("cert", e))?
     } else {
@@ -55,6 +65,8 @@ pub fn server(
         certs::load_certified_key(&env.base.join(&t.cert), &env.base.join(key))
             .map_err(|e| err("cert", e.to_string()))?
     };
+    let origin = if t.cert == "auto" { "auto" } else { "default" };
+    used.extend(leaf(Role::Server, origin, &default));
     let mut opts = ServerTlsOptions::new(default);
     for (j, pair) in t.certificates.iter().enumerate() {
         let key = certs::load_certified_key(&env.base.join(&pair.cert), &env.base.join(&pair.key))
@@ -63,6 +75,7 @@ pub fn server(
                 p.push(Seg::Index(j));
                 SemanticError::new(p, e.to_string())
             })?;
+        used.extend(leaf(Role::Server, "sni", &key));
         opts.sni_certs.push(SniCert::from_san(key));
     }
     opts.min_version = min_version(&t.min_version, &path)?;
@@ -78,15 +91,28 @@ pub fn server(
     let mut revocation = None;
     match &t.client_ca {
         Some(ca) => {
-            let roots = match ca.strip_prefix("module:") {
+            let (roots, ca_certs) = match ca.strip_prefix("module:") {
                 Some(name) => {
-                    let (roots, list) = module_ca(name, env).map_err(|e| err("client_ca", e))?;
+                    let (roots, list, ders) =
+                        module_ca(name, env).map_err(|e| err("client_ca", e))?;
                     revocation = Some(list);
-                    roots
+                    (roots, ders)
                 }
-                None => certs::load_ca_bundle(&env.base.join(ca))
-                    .map_err(|e| err("client_ca", e.to_string()))?,
+                None => {
+                    let file = env.base.join(ca);
+                    let roots = certs::load_ca_bundle(&file)
+                        .map_err(|e| err("client_ca", e.to_string()))?;
+                    // Read again for the inventory: the store keeps
+                    // trust anchors, not certificates.
+                    let ders = certs::load_certs(&file).unwrap_or_default();
+                    (roots, ders)
+                }
             };
+            used.extend(ca_certs.into_iter().map(|der| UsedCert {
+                role: Role::ClientCa,
+                origin: ca.clone(),
+                der,
+            }));
             opts.client_ca = Some(Arc::new(roots));
             opts.revocation = revocation.clone();
         }
@@ -106,7 +132,7 @@ pub fn server(
         };
         err(key, e.to_string())
     })?;
-    Ok((config, revocation))
+    Ok((config, revocation, UsedCerts::new(used)))
 }
 
 /// `cert = "auto"`: a self-signed certificate in the data directory, so
@@ -149,7 +175,10 @@ fn certified_key_from_pem(
 /// as trust anchors, and the module's revocation list. The CA is read
 /// when it exists; otherwise made in memory and left for the first start
 /// to write, before the module starts and would make its own.
-fn module_ca(name: &str, env: &mut Env) -> Result<(RootCertStore, RevocationList), String> {
+fn module_ca(
+    name: &str,
+    env: &mut Env,
+) -> Result<(RootCertStore, RevocationList, Vec<CertificateDer<'static>>), String> {
     let Some(m) = env.modules.iter().find(|m| m.name == name) else {
         return Err(format!(
             "no module named {name:?} (configure it in a [module.{name}] table)"
@@ -177,11 +206,9 @@ fn module_ca(name: &str, env: &mut Env) -> Result<(RootCertStore, RevocationList
     };
     let mut roots = RootCertStore::empty();
     let (file, _) = crate::module::devices::ca::paths(&dir);
-    for (i, cert) in certs::parse_certs_pem(cert_pem.as_bytes())
-        .map_err(|e| format!("{}: {e}", file.display()))?
-        .into_iter()
-        .enumerate()
-    {
+    let ders = certs::parse_certs_pem(cert_pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    for (i, cert) in ders.iter().cloned().enumerate() {
         roots.add(cert).map_err(|source| {
             crate::tls::TlsError::BadCa {
                 path: file.clone(),
@@ -191,7 +218,7 @@ fn module_ca(name: &str, env: &mut Env) -> Result<(RootCertStore, RevocationList
             .to_string()
         })?;
     }
-    Ok((roots, revocations))
+    Ok((roots, revocations, ders))
 }
 
 /// The re-encryption config of a pool.
@@ -202,6 +229,15 @@ pub fn upstream(
 ) -> Result<UpstreamTls, SemanticError> {
     let err = |key: &str, e: String| SemanticError::new(at(&path, key), e);
     let roots = certs::load_ca_bundle(&base.join(&t.ca)).map_err(|e| err("ca", e.to_string()))?;
+    let mut used: Vec<UsedCert> = certs::load_certs(&base.join(&t.ca))
+        .unwrap_or_default()
+        .into_iter()
+        .map(|der| UsedCert {
+            role: Role::PoolCa,
+            origin: t.ca.clone(),
+            der,
+        })
+        .collect();
     let mut opts = UpstreamTlsOptions::new(Arc::new(roots));
     opts.server_name = t.server_name.clone();
     opts.min_version = min_version(&t.min_version, &path)?;
@@ -213,12 +249,20 @@ pub fn upstream(
         (None, None) => None,
         _ => return Err(err("cert", "give both `cert` and `key`, or neither".into())),
     };
-    UpstreamTls::new(&opts).map_err(|e| {
+    if let (Some(key), Some(origin)) = (&opts.client_cert, &t.cert) {
+        used.extend(key.cert.first().map(|der| UsedCert {
+            role: Role::PoolClient,
+            origin: origin.clone(),
+            der: der.clone(),
+        }));
+    }
+    let built = UpstreamTls::new(&opts).map_err(|e| {
         let key = if matches!(e, crate::tls::TlsError::BadName { .. }) {
             "server_name"
         } else {
             "ca"
         };
         err(key, e.to_string())
-    })
+    })?;
+    Ok(built.with_certificates(UsedCerts::new(used)))
 }

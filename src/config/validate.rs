@@ -465,7 +465,8 @@ fn offload(
             ),
         ));
     };
-    let (server, revocation) = super::tls::server(tls, env, key_path!["listener", i, "tls"])?;
+    let (server, revocation, certificates) =
+        super::tls::server(tls, env, key_path!["listener", i, "tls"])?;
     let header = |v: &str, k: &str| -> Result<Option<hyper::header::HeaderName>, SemanticError> {
         if v.is_empty() {
             return Ok(None);
@@ -618,6 +619,7 @@ fn offload(
     Ok(OffloadPlan {
         tls: server,
         revocation,
+        certificates,
         cert_headers,
         routes,
         http: HttpPlan {

@@ -50,6 +50,13 @@ pub trait Module: Send + Sync + 'static {
         None
     }
 
+    /// What the status page shows of the module: a small JSON object of
+    /// counts, never a list of what it serves (that may be thousands of
+    /// devices). `None`: nothing to show beyond its name.
+    fn status(&self) -> BoxFuture<'_, Option<serde_json::Value>> {
+        Box::pin(async { None })
+    }
+
     /// Called once when the graceful shutdown starts: close the module's
     /// long-lived streams (WebSockets), spreading the closes over
     /// `spread` so that clients do not all reconnect at once, and return

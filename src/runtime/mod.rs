@@ -66,6 +66,9 @@ pub struct Runtime {
     pub modules: HashMap<String, Arc<dyn Module>>,
     /// Heartbeat receiver and registry, when `[discovery]` is configured.
     pub discovery: Option<Discovery>,
+    /// Load and reload times, listener rates, certificate series: what
+    /// the status page shows that nothing else keeps.
+    pub status: crate::status::Record,
     /// The module kinds the process knows, so that a reload validates an
     /// embedder's own kinds as the start did.
     registry: Registry,
@@ -137,13 +140,17 @@ impl Runtime {
             tracker,
             modules,
             discovery,
+            status: Default::default(),
             registry: registry.clone(),
             applied,
             background: Mutex::new(Vec::new()),
             workers,
         });
         rt.apply(plan)?;
-        let tasks = vec![tokio::spawn(watch_backends(Arc::downgrade(&rt)))];
+        let tasks = vec![
+            tokio::spawn(watch_backends(Arc::downgrade(&rt))),
+            crate::status::started(&rt),
+        ];
         rt.background.lock().unwrap().extend(tasks);
         Ok(rt)
     }
@@ -171,6 +178,7 @@ impl Runtime {
                 plan.first_start.create()?;
                 self.apply(plan)
             });
+        self.status.reloaded(&result, &self.metrics, &self.plan());
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.reloads.with_label_values(&[label]).inc();
         result

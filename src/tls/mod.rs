@@ -17,6 +17,8 @@
 //! - [`forward`]: the forms a client certificate is passed to backends in
 //!   (nginx-compatible escaped PEM, subject DN, fingerprints).
 //! - [`upstream`]: a `rustls::ClientConfig` for re-encrypting to backends.
+//! - [`inventory`]: the certificates a plan uses, their expiry metric and
+//!   warnings.
 //! - [`accept_any`]: the verifier of clients that accept any server
 //!   certificate (TLS health probes, the simulator, the benchmarks).
 //!
@@ -27,6 +29,7 @@ pub mod certs;
 pub mod client_hello;
 mod error;
 pub mod forward;
+pub mod inventory;
 pub mod refusal;
 pub mod revocation;
 pub mod server;

@@ -45,9 +45,22 @@ impl UpstreamTlsOptions {
 pub struct UpstreamTls {
     config: Arc<ClientConfig>,
     server_name: Option<ServerName<'static>>,
+    /// The CA and client certificates, for the certificate inventory.
+    certificates: super::inventory::UsedCerts,
 }
 
 impl UpstreamTls {
+    /// Record the certificates this config was built from (the
+    /// `ClientConfig` does not give them back).
+    pub fn with_certificates(mut self, certs: super::inventory::UsedCerts) -> Self {
+        self.certificates = certs;
+        self
+    }
+
+    pub fn certificates(&self) -> &super::inventory::UsedCerts {
+        &self.certificates
+    }
+
     pub fn new(opts: &UpstreamTlsOptions) -> Result<Self, TlsError> {
         if opts.ca.is_empty() {
             return Err(TlsError::Config(
@@ -76,6 +89,7 @@ impl UpstreamTls {
         Ok(UpstreamTls {
             config: Arc::new(config),
             server_name,
+            certificates: Default::default(),
         })
     }
 

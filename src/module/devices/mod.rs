@@ -32,6 +32,7 @@ pub mod model;
 mod park;
 pub mod service;
 pub mod settings;
+mod status;
 pub mod store;
 pub mod ws;
 
@@ -61,6 +62,10 @@ impl Module for DevicesModule {
 
     fn admin(&self, req: Request<Incoming>) -> Option<BoxFuture<'_, Response<Body>>> {
         Some(Box::pin(admin::handle(self.devices.clone(), req)))
+    }
+
+    fn status(&self) -> BoxFuture<'_, Option<serde_json::Value>> {
+        Box::pin(async move { Some(status::counts(&self.devices).await) })
     }
 
     fn drain(&self, spread: std::time::Duration) -> BoxFuture<'_, ()> {
