@@ -189,6 +189,9 @@ health_check = {{ kind = "http", path = "/health", expect = 200, interval = "100
 [[pool]]
 name = "ums"
 discovery = {{ service = "{SERVICE}" }}
+
+[module.devices]
+kind = "devices"
 "#,
         syslog = syslog_receiver(),
         token = token_path.display(),

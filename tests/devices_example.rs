@@ -159,6 +159,7 @@ async fn the_factory_checks_its_table() {
         name: "hi".into(),
         data_dir: std::env::temp_dir(),
         revocations: Default::default(),
+        metrics: Default::default(),
     };
     let bad: toml::Value = toml::from_str("greeting = \"\"").unwrap();
     assert!((hello_module::factory())(&bad, &env).await.is_err());

@@ -810,3 +810,43 @@ fn the_test_parser_refuses_malformed_messages() {
         assert!(parse(bad.as_bytes()).is_err(), "accepted {bad:?}");
     }
 }
+
+/// `access_log = { path = "syslog" }`: each connection's line reaches the
+/// server as its own message (MSGID `access`, severity info), in the
+/// listener's format, with the client's port in it.
+#[test]
+fn access_lines_reach_syslog() {
+    let port = free_addr();
+    let receiver = Receiver::udp(port);
+    let a = NamedBackend::start("a");
+    let front = free_addr();
+    let config = config(
+        front,
+        &[a.addr],
+        Some((&format!("udp://{port}"), "local3", "fg-access")),
+    )
+    .replace(
+        "pool = \"p\"\n",
+        "pool = \"p\"\naccess_log = { path = \"syslog\", format = \"json\" }\n",
+    );
+    let lb = start_info(&config);
+    let mut ports = Vec::new();
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(front).unwrap();
+        ports.push(s.local_addr().unwrap().port());
+        let mut name = String::new();
+        s.read_to_string(&mut name).unwrap();
+        assert_eq!(name.trim(), "a");
+    }
+    for p in ports {
+        let m = receiver.wait_for("the connection's access line", |m| {
+            m.msgid == "access" && m.msg.contains(&format!("\"client_port\":{p}"))
+        });
+        check_origin(&m, &lb, 19, "fg-access");
+        assert_eq!(m.severity, INFO, "{m:?}");
+        let line: serde_json::Value = serde_json::from_str(&m.msg).expect("a JSON line");
+        assert_eq!(line["listener"], "front", "{line}");
+        assert_eq!(line["upstream"], a.addr.to_string(), "{line}");
+    }
+    assert!(lb.metric("fleetgate_syslog_messages_total{stream=\"access\"}") >= 5.0);
+}

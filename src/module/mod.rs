@@ -85,6 +85,10 @@ pub struct ModuleEnv {
     /// module that issues client certificates keeps it up to date. Other
     /// modules leave it alone.
     pub revocations: crate::tls::revocation::RevocationList,
+    /// The balancer's metrics registry: series a module registers here
+    /// appear in `/metrics` with the `fleetgate_` prefix. Label them with
+    /// the module's name (a const label) so that two instances can share it.
+    pub metrics: prometheus::Registry,
 }
 
 /// Builds a module from its TOML table. An error names what is wrong; the

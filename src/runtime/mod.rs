@@ -103,6 +103,7 @@ impl Runtime {
                 name: m.name.clone(),
                 data_dir: plan.data_dir.join(&m.name),
                 revocations: m.revocations.clone(),
+                metrics: metrics.registry.clone(),
             };
             let module = factory(&m.config, &env)
                 .await

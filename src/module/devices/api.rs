@@ -89,11 +89,15 @@ async fn route(
             let _: Option<HeartbeatRequest> = read_optional_json(req, limit).await?;
             // Answered once the contact is committed; settings and the
             // pending count come from memory meanwhile (see cache.rs).
-            let (_, settings, pending) = tokio::try_join!(
+            let answered = tokio::try_join!(
                 async { Ok(devices.contacts.record(id.to_string(), now_ms()).await?) },
                 devices.effective_settings(&id),
                 devices.pending_count(&id),
-            )?;
+            );
+            let m = &devices.metrics;
+            let (_, settings, pending) = answered
+                .inspect(|_| m.heartbeats_ok.inc())
+                .inspect_err(|_| m.heartbeats_failed.inc())?;
             Ok(json(
                 StatusCode::OK,
                 &json!({

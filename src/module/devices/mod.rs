@@ -28,6 +28,7 @@ mod files;
 pub mod heartbeat;
 pub mod http;
 pub mod hub;
+mod metrics;
 pub mod model;
 mod park;
 pub mod service;
@@ -90,7 +91,7 @@ pub fn factory() -> Factory {
         Box::pin(async move {
             let config = config::DevicesConfig::parse(&value)?;
             let devices =
-                Devices::start(&env.name, config, &env.data_dir, env.revocations.clone()).await?;
+                Devices::start(&env.name, config, &env.data_dir, env.revocations.clone(), &env.metrics).await?;
             Ok(Arc::new(DevicesModule { devices }) as Arc<dyn Module>)
         })
     })

@@ -33,6 +33,7 @@ pub struct Devices {
     pub(crate) admin_token: String,
     pub(crate) contacts: ContactWriter,
     pub(crate) hub: Hub,
+    pub(crate) metrics: super::metrics::DeviceMetrics,
     /// The heartbeat's answers kept in memory (see cache.rs).
     pub(crate) cache: Cache,
     /// Revoked device certificates, for the TLS layer to consult at the
@@ -52,7 +53,9 @@ impl Devices {
         config: DevicesConfig,
         data_dir: &Path,
         revocations: RevocationList,
+        metrics: &prometheus::Registry,
     ) -> anyhow::Result<Arc<Devices>> {
+        let metrics = super::metrics::DeviceMetrics::new(metrics, name)?;
         create_private_dir(data_dir)?;
         let store: Arc<dyn Store> = match &config.store {
             StoreConfig::Sqlite { path } => {
@@ -85,6 +88,7 @@ impl Devices {
             admin_token,
             contacts,
             hub: Hub::default(),
+            metrics,
             cache: Cache::new(config.cache_ttl),
             revocations,
             revoked: RwLock::new(HashSet::new()),

@@ -219,6 +219,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
         }
     };
     let channel = devices.hub.register(&id);
+    devices.metrics.channels_open.inc();
     // Recorded beside the channel rather than before it: when thousands of
     // devices reconnect at once these commits queue, and a channel waiting
     // for its turn would hold its connection's handshake buffers (hyper's
@@ -348,6 +349,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
         },
     };
     devices.hub.unregister(&id, &channel);
+    devices.metrics.channels_open.dec();
     drop(conn);
     if channel
         .recorded
