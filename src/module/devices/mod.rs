@@ -90,8 +90,14 @@ pub fn factory() -> Factory {
         let env = env.clone();
         Box::pin(async move {
             let config = config::DevicesConfig::parse(&value)?;
-            let devices =
-                Devices::start(&env.name, config, &env.data_dir, env.revocations.clone(), &env.metrics).await?;
+            let devices = Devices::start(
+                &env.name,
+                config,
+                &env.data_dir,
+                env.revocations.clone(),
+                &env.metrics,
+            )
+            .await?;
             Ok(Arc::new(DevicesModule { devices }) as Arc<dyn Module>)
         })
     })
