@@ -26,5 +26,6 @@ pub mod shortage;
 pub mod source_limits;
 pub mod status;
 pub mod syslog;
+pub mod systemd;
 pub mod tls;
 pub mod workers;

@@ -141,6 +141,8 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let rt = runtime::Runtime::start(plan, metrics).await?;
         tracing::info!(config = %path.display(), admin = %admin_listener.local_addr()?, "fleetgate started");
         tokio::spawn(admin::serve(admin_listener, rt.clone()));
+        fleetgate::systemd::ready(&rt);
+        fleetgate::systemd::spawn_watchdog(rt.clone());
         runtime::serve_until_signalled(rt, signals).await
     });
     // The last lines (drained, exiting) reach the syslog server too.

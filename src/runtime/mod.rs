@@ -521,6 +521,15 @@ impl Signals {
 
 /// Serve until SIGTERM or SIGINT, reloading on SIGHUP; then drain.
 #[cfg(unix)]
+/// A reload, told to systemd before (RELOADING=1) and after (READY=1,
+/// with the result in STATUS=).
+fn reload_announced(rt: &Runtime) -> anyhow::Result<()> {
+    crate::systemd::reloading();
+    let result = rt.reload();
+    crate::systemd::reloaded(rt);
+    result
+}
+
 pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow::Result<()> {
     let Signals {
         mut hup,
@@ -530,7 +539,7 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
     } = signals;
     loop {
         tokio::select! {
-            _ = hup.recv() => match rt.reload() {
+            _ = hup.recv() => match reload_announced(&rt) {
                 Ok(()) => {
                     if let Err(e) = crate::logging::set_level(&rt.plan().log_level) {
                         tracing::warn!("log level not changed: {e}");
@@ -550,6 +559,7 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
             _ = int.recv() => break,
         }
     }
+    crate::systemd::stopping();
     drain(&rt, rt.plan().drain_timeout).await;
     for (name, module) in &rt.modules {
         module.shutdown().await;
