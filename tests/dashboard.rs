@@ -15,10 +15,10 @@ use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
-use fleetgate::discovery::{Announcer, AnnouncerOptions, NodeState, Service};
+use fleetgate::discovery::Announcer;
 use serde_json::Value;
 
-use common::discovery::{generate_token, tokio_rt, CLUSTER, SERVICE};
+use common::discovery::{announce_to, generate_token, tokio_rt, CLUSTER, SERVICE};
 use common::pki::{client_config, Ca};
 use common::web::{https_get, tls_connect};
 use common::{ask, eventually, free_addr, Balancer, HttpBackend, NamedBackend};
@@ -205,22 +205,7 @@ kind = "devices"
     let rt = tokio_rt();
     let _announcer = {
         let _ctx = rt.enter();
-        Announcer::start(AnnouncerOptions {
-            cluster: CLUSTER.into(),
-            node: "node-1".into(),
-            addr: None,
-            weight: 100,
-            services: vec![Service {
-                name: SERVICE.into(),
-                port: node_backend.addr.port(),
-                tls: false,
-            }],
-            targets: vec![disc],
-            interval: Duration::from_millis(200),
-            state: NodeState::Normal,
-            token,
-        })
-        .unwrap()
+        Announcer::start(announce_to(disc, token, "node-1", node_backend.addr.port())).unwrap()
     };
     rt.block_on(async {
         // A client that does not trust the server's CA aborts the

@@ -10,13 +10,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::devices::pem_der;
-use common::discovery::{generate_token, tokio_rt, CLUSTER};
+use common::discovery::{announce_to, generate_token, tokio_rt, CLUSTER, SERVICE};
 use common::pki::{Ca, Leaf};
 use common::{eventually, free_addr, http_get, metric_value, Balancer, NamedBackend};
-use fleetgate::discovery::{Announcer, AnnouncerOptions, NodeState, Service};
+use fleetgate::discovery::Announcer;
 use serde_json::Value;
-
-const SERVICE: &str = "device-tls";
 
 fn sha256_hex(der: &[u8]) -> String {
     ring::digest::digest(&ring::digest::SHA256, der)
@@ -171,22 +169,8 @@ kind = "devices"
         let tokio = tokio_rt();
         let announcer = {
             let _enter = tokio.enter();
-            Announcer::start(AnnouncerOptions {
-                cluster: CLUSTER.into(),
-                node: "node-a".into(),
-                addr: None,
-                weight: 100,
-                services: vec![Service {
-                    name: SERVICE.into(),
-                    port: node_backend.addr.port(),
-                    tls: false,
-                }],
-                targets: vec![disc],
-                interval: Duration::from_millis(200),
-                state: NodeState::Normal,
-                token,
-            })
-            .expect("announcer starts")
+            Announcer::start(announce_to(disc, token, "node-a", node_backend.addr.port()))
+                .expect("announcer starts")
         };
         let s = Setup {
             lb,

@@ -22,6 +22,27 @@ pub const CLUSTER: &str = "fleet";
 pub const SERVICE: &str = "device-tls";
 pub const POOL: &str = "ums";
 
+/// Announcer options for node `node` serving `SERVICE` in plain TCP on
+/// `port` of the heartbeat's source address, in state normal every 200 ms,
+/// sent to the discovery socket `target`.
+pub fn announce_to(target: SocketAddr, token: Token, node: &str, port: u16) -> AnnouncerOptions {
+    AnnouncerOptions {
+        cluster: CLUSTER.into(),
+        node: node.into(),
+        addr: None,
+        weight: 100,
+        services: vec![Service {
+            name: SERVICE.into(),
+            port,
+            tls: false,
+        }],
+        targets: vec![target],
+        interval: Duration::from_millis(200),
+        state: NodeState::Normal,
+        token,
+    }
+}
+
 /// A UDP port for a balancer's discovery socket. That socket has
 /// SO_REUSEADDR, so two balancers could share a port without an error: the
 /// shared allocator hands each caller a port no other test is given.
@@ -112,21 +133,10 @@ discovery = {{ service = "{SERVICE}" }}
     /// Announcer options for node `node` serving `device-tls` on `port` of
     /// the heartbeat's source address (127.0.0.1), sent to this balancer.
     pub fn announce(&self, node: &str, port: u16, state: NodeState) -> AnnouncerOptions {
-        AnnouncerOptions {
-            cluster: CLUSTER.into(),
-            node: node.into(),
-            addr: None,
-            weight: 100,
-            services: vec![Service {
-                name: SERVICE.into(),
-                port,
-                tls: false,
-            }],
-            targets: vec![self.disc],
-            interval: self.interval,
-            state,
-            token: self.token.clone(),
-        }
+        let mut o = announce_to(self.disc, self.token.clone(), node, port);
+        o.interval = self.interval;
+        o.state = state;
+        o
     }
 
     pub fn status(&self) -> Value {
