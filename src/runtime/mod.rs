@@ -560,12 +560,14 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         }
     }
     crate::systemd::stopping();
-    drain(&rt, rt.plan().drain_timeout).await;
+    let deadline = rt.plan().drain_timeout;
+    crate::drain::exit_no_later_than(deadline + crate::drain::EXIT_GRACE);
+    drain(&rt, deadline).await;
     for (name, module) in &rt.modules {
         module.shutdown().await;
         tracing::info!(module = %name, "module stopped");
     }
-    crate::access_log::flush_all(Duration::from_secs(2));
+    crate::access_log::flush_all(crate::drain::EXIT_GRACE / 2);
     Ok(())
 }
 
