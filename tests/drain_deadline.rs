@@ -198,6 +198,20 @@ backends = [{{ address = "{ws}" }}]
 
     let sent = Instant::now();
     lb.signal("TERM");
+    // While it drains, the process tells health checkers to look elsewhere.
+    let admin = lb.admin;
+    let health = tokio::task::spawn_blocking(move || {
+        let mut last = String::new();
+        let draining = eventually(Duration::from_secs(1), || {
+            last = http_get(admin, "/healthz").unwrap_or_default();
+            last.starts_with("HTTP/1.1 503")
+        });
+        (draining, last)
+    })
+    .await
+    .unwrap();
+    assert!(health.0, "/healthz while draining: {}", health.1);
+    assert!(health.1.ends_with("draining\n"), "{}", health.1);
     let status = tokio::task::spawn_blocking(move || {
         let status = lb.wait_exit(Duration::from_secs(30));
         (status, lb)
