@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Command;
+use clap_mangen::roff::{bold, roman, Roff};
 
 pub fn main(cli: Command, dir: &Path) -> ExitCode {
     match write_all(cli, dir) {
@@ -62,6 +63,7 @@ fn write_page(
         .manual("fleetgate manual");
     let mut text = Vec::new();
     man.render(&mut text)?;
+    text.extend(see_also(page).into_bytes());
     let path = dir.join(format!("{page}.1"));
     std::fs::write(&path, text)?;
     written.push(path);
@@ -77,4 +79,47 @@ fn write_page(
         )?;
     }
     Ok(())
+}
+
+/// What the CLI definition cannot say: on the main page, where the Debian
+/// package puts things (docs/install.md); on every page, where to read on.
+fn see_also(page: &str) -> String {
+    let mut roff = Roff::new();
+    if page == "fleetgate" {
+        roff.control("SH", ["FILES"]);
+        for (path, what) in [
+            (
+                "/etc/fleetgate/fleetgate.toml",
+                "The configuration the systemd unit runs with.",
+            ),
+            (
+                "/var/lib/fleetgate",
+                "The data directory: generated certificates, the devices module's CA and database.",
+            ),
+            ("/var/log/fleetgate", "The access log."),
+            (
+                "/usr/share/doc/fleetgate",
+                "The documentation (install.md, configuration.md, operations.md, tls.md, ...; the larger files gzipped).",
+            ),
+        ] {
+            roff.control("TP", [])
+                .text([bold(path)])
+                .text([roman(what)]);
+        }
+    }
+    roff.control("SH", ["SEE ALSO"]);
+    let mut refs = Vec::new();
+    if page != "fleetgate" {
+        refs.extend([bold("fleetgate"), roman("(1), ")]);
+    }
+    refs.extend([
+        bold("systemctl"),
+        roman("(1), "),
+        bold("journalctl"),
+        roman("(1); the unit "),
+        bold("fleetgate.service"),
+        roman("."),
+    ]);
+    roff.text(refs);
+    roff.to_roff()
 }
