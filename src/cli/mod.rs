@@ -5,4 +5,6 @@
 //! proxy: they live in the binary, so the library is the proxy alone.
 
 pub mod agent;
+pub mod manpages;
 pub mod simulate;
+pub mod version;
