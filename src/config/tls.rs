@@ -4,7 +4,8 @@
 //! Validation writes nothing: a certificate or CA that a first start
 //! creates is made in memory here and written by `FirstStart::create`.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{Seg, SemanticError};
@@ -265,4 +266,40 @@ pub fn upstream(
         err(key, e.to_string())
     })?;
     Ok(built.with_certificates(UsedCerts::new(used)))
+}
+
+/// The files of `file` to watch for changes: for every listener and pool
+/// whose `tls.watch` is on, its certificates, keys and CA bundles (the
+/// data directory's pair for `cert = "auto"`; not a module's device CA,
+/// which its module owns). Paths as validation reads them.
+pub fn watched(file: &schema::File, source: &Path) -> Vec<PathBuf> {
+    let base = source.parent().unwrap_or(Path::new("."));
+    let data_dir = base.join(&file.global.data_dir);
+    let mut files = BTreeSet::new();
+    for t in file.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+        if !t.watch {
+            continue;
+        }
+        if t.cert == "auto" {
+            files.insert(data_dir.join("server.pem"));
+            files.insert(data_dir.join("server.key"));
+        } else {
+            files.insert(base.join(&t.cert));
+            files.extend(t.key.iter().map(|k| base.join(k)));
+        }
+        for pair in &t.certificates {
+            files.insert(base.join(&pair.cert));
+            files.insert(base.join(&pair.key));
+        }
+        if let Some(ca) = t.client_ca.as_ref().filter(|ca| !ca.starts_with("module:")) {
+            files.insert(base.join(ca));
+        }
+    }
+    for t in file.pools.iter().filter_map(|p| p.tls.as_ref()) {
+        if t.watch {
+            files.insert(base.join(&t.ca));
+            files.extend(t.cert.iter().chain(&t.key).map(|f| base.join(f)));
+        }
+    }
+    files.into_iter().collect()
 }
