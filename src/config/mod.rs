@@ -16,6 +16,7 @@ use std::path::Path;
 pub use error::ConfigError;
 pub use first_start::FirstStart;
 pub use plan::*;
+pub use tls::auto_cert_paths;
 
 /// Read, parse and validate a configuration file, knowing the built-in
 /// module kinds.

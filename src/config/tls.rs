@@ -143,8 +143,7 @@ fn auto_cert(
     t: &schema::ListenerTls,
     env: &mut Env,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let cert = env.data_dir.join("server.pem");
-    let key = env.data_dir.join("server.key");
+    let (cert, key) = auto_cert_paths(env.data_dir);
     if cert.exists() && key.exists() {
         return certs::load_certified_key(&cert, &key).map_err(|e| e.to_string());
     }
@@ -159,6 +158,12 @@ fn auto_cert(
         }
     };
     certified_key_from_pem(&pair.cert_pem, &pair.key_pem, &cert, &key)
+}
+
+/// Where `cert = "auto"` keeps its pair: one per data directory, shared
+/// by every listener that uses it.
+pub fn auto_cert_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    (data_dir.join("server.pem"), data_dir.join("server.key"))
 }
 
 fn certified_key_from_pem(
@@ -281,8 +286,9 @@ pub fn watched(file: &schema::File, source: &Path) -> Vec<PathBuf> {
             continue;
         }
         if t.cert == "auto" {
-            files.insert(data_dir.join("server.pem"));
-            files.insert(data_dir.join("server.key"));
+            let (cert, key) = auto_cert_paths(&data_dir);
+            files.insert(cert);
+            files.insert(key);
         } else {
             files.insert(base.join(&t.cert));
             files.extend(t.key.iter().map(|k| base.join(k)));
