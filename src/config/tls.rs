@@ -309,3 +309,79 @@ pub fn watched(file: &schema::File, source: &Path) -> Vec<PathBuf> {
     }
     files.into_iter().collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use crate::tls::certs;
+
+    const CONFIG: &str = r#"
+[[listener]]
+name = "watched"
+bind = "127.0.0.1:1"
+mode = "offload"
+tls = { cert = "a.pem", key = "a.key", client_auth = "required", client_ca = "a.pem" }
+pool = "p"
+
+[[listener]]
+name = "not-watched"
+bind = "127.0.0.1:2"
+mode = "offload"
+tls = { cert = "b.pem", key = "b.key", watch = false }
+pool = "p"
+
+[[pool]]
+name = "p"
+backends = [{ address = "127.0.0.1:3" }]
+tls = { ca = "a.pem", cert = "c.pem", key = "c.key" }
+"#;
+
+    /// The configuration and three self-signed pairs a, b and c.
+    fn files(dir: &Path) -> PathBuf {
+        for name in ["a", "b", "c"] {
+            let pair = certs::self_signed(&[]).unwrap();
+            let (cert, key) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            certs::write_self_signed(&pair, &cert, &key).unwrap();
+        }
+        let path = dir.join("fleetgate.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_files_of_listeners_and_pools_with_watch_on_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::config::load(&files(dir.path())).unwrap();
+        let want: Vec<PathBuf> = ["a.key", "a.pem", "c.key", "c.pem"]
+            .iter()
+            .map(|f| dir.path().join(f))
+            .collect();
+        assert_eq!(plan.origin.watched, want);
+    }
+
+    #[test]
+    fn a_certificate_reload_reads_the_certificates_again_but_not_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = files(dir.path());
+        let registry = crate::module::builtin::registry();
+        let running = crate::config::load_with(&path, &registry).unwrap();
+        // An edit in progress: not what a renewal applies.
+        std::fs::write(&path, "[[listener]]\nname = ").unwrap();
+        let again = crate::config::load_again(&registry, &running).unwrap();
+        assert_eq!(again.listeners.len(), 2);
+        assert_eq!(&*again.origin.text, CONFIG);
+
+        // The certificate files are read again: a renewed certificate
+        // without its key is refused, naming both files.
+        std::fs::copy(dir.path().join("b.pem"), dir.path().join("a.pem")).unwrap();
+        let e = crate::config::load_again(&registry, &running).unwrap_err();
+        assert!(
+            e.message.contains("does not match") && e.message.contains("a.pem"),
+            "{e}"
+        );
+    }
+}
