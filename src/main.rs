@@ -50,6 +50,11 @@ enum Command {
     /// Simulate a fleet of devices against the devices module (sizing
     /// and measurement; loopback targets only, see docs/simulator.md).
     Simulate(Box<cli::simulate::Options>),
+    /// Certificates: `renew` replaces the `cert = "auto"` pair.
+    Cert {
+        #[command(subcommand)]
+        command: cli::cert::CertCommand,
+    },
     /// Network tokens for discovery.
     Token {
         #[command(subcommand)]
@@ -122,6 +127,7 @@ fn main() -> ExitCode {
         }
         Command::Simulate(opts) => cli::simulate::main(*opts),
         Command::Manpages { dir } => cli::manpages::main(Cli::command(), &dir),
+        Command::Cert { command } => cli::cert::main(command),
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

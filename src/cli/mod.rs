@@ -6,5 +6,6 @@
 
 pub mod agent;
 pub mod manpages;
+pub mod cert;
 pub mod simulate;
 pub mod version;

@@ -191,6 +191,7 @@ pub fn validate(
         descriptor_reserve: file.global.descriptor_reserve,
         syslog,
         first_start: env.first_start,
+        origin: Default::default(),
     })
 }
 

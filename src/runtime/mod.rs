@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::module::{Module, ModuleEnv, Registry};
 use crate::workers::Workers;
 
+mod cert_watch;
 mod restart;
 
 use restart::needs_restart;
@@ -73,6 +74,9 @@ pub struct Runtime {
     /// embedder's own kinds as the start did.
     registry: Registry,
     applied: Mutex<Applied>,
+    /// One reload at a time (SIGHUP, certificate watch): a reload must not
+    /// apply a plan made from a configuration that another one replaced.
+    reloading: Mutex<()>,
     background: Mutex<Vec<JoinHandle<()>>>,
     /// Where listeners accept and connections run; declared last so it is
     /// dropped after everything that may hold its tasks.
@@ -144,12 +148,14 @@ impl Runtime {
             status: Default::default(),
             registry: registry.clone(),
             applied,
+            reloading: Mutex::new(()),
             background: Mutex::new(Vec::new()),
             workers,
         });
         rt.apply(plan)?;
         let tasks = vec![
             tokio::spawn(watch_backends(Arc::downgrade(&rt))),
+            tokio::spawn(cert_watch::run(Arc::downgrade(&rt))),
             crate::status::started(&rt),
         ];
         rt.background.lock().unwrap().extend(tasks);
@@ -172,13 +178,31 @@ impl Runtime {
 
     /// Re-read the configuration file; on any error the running plan stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let path = self.plan().source.clone();
-        let result = config::load_next(&path, &self.registry, &self.plan())
-            .map_err(anyhow::Error::from)
-            .and_then(|plan| {
-                plan.first_start.create()?;
-                self.apply(plan)
-            });
+        let _one = self.reloading.lock().unwrap();
+        let running = self.plan();
+        self.apply_reload(config::load_next(&running.source, &self.registry, &running))
+    }
+
+    /// Apply the running configuration again as it was last loaded (not
+    /// the file as it is now), which re-reads its certificate, key and CA
+    /// files: a renewal, counted as a reload. On any error (a file that
+    /// does not parse, a key that does not match) the running plan stays.
+    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+        let _one = self.reloading.lock().unwrap();
+        // A drain has stopped the listeners: applying would bind them again.
+        if self.drain.is_started() {
+            anyhow::bail!("draining: certificates are no longer reloaded");
+        }
+        let running = self.plan();
+        self.apply_reload(config::load_again(&self.registry, &running))
+    }
+
+    /// Apply a reload's plan, or record its error; either is counted.
+    fn apply_reload(&self, next: Result<Plan, config::ConfigError>) -> anyhow::Result<()> {
+        let result = next.map_err(anyhow::Error::from).and_then(|plan| {
+            plan.first_start.create()?;
+            self.apply(plan)
+        });
         self.status.reloaded(&result, &self.metrics, &self.plan());
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.reloads.with_label_values(&[label]).inc();
