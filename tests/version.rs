@@ -198,18 +198,23 @@ fn manpages_has_one_page_per_command() {
     let out = dir.path().join("man");
     let written = fleetgate(&["manpages", out.to_str().unwrap()]);
 
-    // The commands `--help` lists (clap's `help` aside), and `token`'s.
+    // The commands `--help` lists (clap's `help` aside), and those of
+    // every command that has commands of its own (`token`, `cert`).
+    fn commands(help: &str) -> Vec<String> {
+        let Some(list) = help.split("Commands:\n").nth(1) else {
+            return Vec::new();
+        };
+        list.lines()
+            .take_while(|l| l.starts_with("  "))
+            .map(|l| l.split_whitespace().next().unwrap().to_string())
+            .filter(|name| name != "help")
+            .collect()
+    }
     let mut expected = vec!["fleetgate".to_string()];
-    for (help, prefix) in [
-        (fleetgate(&["--help"]), "fleetgate"),
-        (fleetgate(&["token", "--help"]), "fleetgate-token"),
-    ] {
-        let commands = help.split("Commands:\n").nth(1).unwrap();
-        for line in commands.lines().take_while(|l| l.starts_with("  ")) {
-            let name = line.split_whitespace().next().unwrap();
-            if name != "help" {
-                expected.push(format!("{prefix}-{name}"));
-            }
+    for name in commands(&fleetgate(&["--help"])) {
+        expected.push(format!("fleetgate-{name}"));
+        for sub in commands(&fleetgate(&[&name, "--help"])) {
+            expected.push(format!("fleetgate-{name}-{sub}"));
         }
     }
     expected.sort();
