@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::{Seg, SemanticError};
 use super::first_start::FirstStart;
@@ -99,6 +99,7 @@ pub fn validate(
     }
     let module_names: HashSet<String> = file.module.keys().cloned().collect();
     let data_dir = base.join(&file.global.data_dir);
+    let control_socket = control_socket(file.global.control_socket.as_deref(), base, &data_dir)?;
     let mut env = Env {
         base,
         data_dir: &data_dir,
@@ -189,9 +190,47 @@ pub fn validate(
         modules: modules.clone(),
         discovery,
         descriptor_reserve: file.global.descriptor_reserve,
+        control_socket,
         syslog,
         first_start: env.first_start,
     })
+}
+
+/// The control socket's path: a Unix socket address holds at most 107
+/// bytes of path (`sun_path`), which a deep data directory can exceed.
+fn control_socket(
+    configured: Option<&str>,
+    base: &Path,
+    data_dir: &Path,
+) -> Result<PathBuf, SemanticError> {
+    const SUN_PATH_MAX: usize = 107;
+    let path = match configured {
+        Some("") => {
+            return Err(SemanticError::new(
+                key_path!["global", "control_socket"],
+                "control_socket must not be empty",
+            ))
+        }
+        Some(p) => base.join(p),
+        None => data_dir.join("control.sock"),
+    };
+    let len = path.as_os_str().len();
+    if len > SUN_PATH_MAX {
+        return Err(SemanticError::new(
+            key_path!["global", "control_socket"],
+            format!(
+                "{} is {len} bytes long; a Unix socket path holds at most {SUN_PATH_MAX} (set global.control_socket to a shorter path)",
+                path.display()
+            ),
+        ));
+    }
+    if path.is_dir() {
+        return Err(SemanticError::new(
+            key_path!["global", "control_socket"],
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    Ok(path)
 }
 
 fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticError> {

@@ -31,6 +31,35 @@ pub fn bind_group(
     Ok(group)
 }
 
+/// Take over a listener's sockets from the process being upgraded: the
+/// same sockets with the same queues, so nothing queued is lost and no
+/// bind can fail. The options that accepted sockets inherit are set
+/// again (the configuration may have changed them); the backlog is the
+/// one the sockets were created with. With more workers than sockets, the
+/// group grows by SO_REUSEPORT sockets if it has that option; with fewer,
+/// every socket is kept (closing one would drop the connections queued
+/// on it) and workers take several.
+pub fn adopt_group(
+    mut group: Vec<std::net::TcpListener>,
+    opts: &SocketOptions,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = group
+        .first()
+        .ok_or_else(|| io::Error::other("no socket was handed over"))?;
+    let bound = first.local_addr()?;
+    let reuse_port = SockRef::from(first).reuse_port().unwrap_or(false);
+    for sock in &group {
+        sock.set_nonblocking(true)?;
+        #[cfg(target_os = "linux")]
+        tune(SockRef::from(sock), opts)?;
+    }
+    while reuse_port && group.len() < workers {
+        group.push(bind(bound, opts, true)?);
+    }
+    Ok(group)
+}
+
 /// Bind one listening socket with the configured options.
 fn bind(
     addr: SocketAddr,

@@ -32,6 +32,16 @@ pub fn needs_restart(old: &Plan, new: &Plan) -> Result<(), String> {
             &format_args!("{} → {}", old.admin_bind, new.admin_bind),
         );
     }
+    if old.control_socket != new.control_socket {
+        return refuse(
+            "[global] control_socket",
+            &format_args!(
+                "{} → {}",
+                old.control_socket.display(),
+                new.control_socket.display()
+            ),
+        );
+    }
     if old.worker_threads != new.worker_threads {
         return refuse(
             "[global] worker_threads",
