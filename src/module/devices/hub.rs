@@ -84,6 +84,12 @@ pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     /// Set when the drain starts: over how long the closes are spread.
     drain_spread: OnceLock<Duration>,
+    /// What the drain's closes say (1001, or 1012 after an upgrade).
+    drain_reason: OnceLock<crate::drain::CloseReason>,
+    /// The store was handed to a new process (binary upgrade): channels
+    /// here deliver nothing more, and one that needs the store closes
+    /// with 1012 so that its device reconnects to the new process.
+    handed_over: AtomicBool,
     /// Told when the last channel is gone.
     emptied: Notify,
 }
@@ -126,11 +132,34 @@ impl Hub {
     /// Tell every channel the balancer is draining; each closes at its
     /// own random moment within `spread`.
     pub fn drain(&self, spread: Duration) {
+        self.drain_with(spread, crate::drain::GOING_AWAY);
+    }
+
+    /// `drain`, closing with `reason`.
+    pub fn drain_with(&self, spread: Duration, reason: crate::drain::CloseReason) {
+        let _ = self.drain_reason.set(reason);
         let channels = self.lock();
         let _ = self.drain_spread.set(spread);
         for ch in channels.values() {
             ch.drain();
         }
+    }
+
+    /// The close code and reason set by [`Hub::drain_with`].
+    pub fn drain_reason(&self) -> crate::drain::CloseReason {
+        self.drain_reason
+            .get()
+            .copied()
+            .unwrap_or(crate::drain::GOING_AWAY)
+    }
+
+    /// The store is handed over (`true`) or taken back (`false`).
+    pub fn set_handed_over(&self, yes: bool) {
+        self.handed_over.store(yes, Ordering::SeqCst);
+    }
+
+    pub fn is_handed_over(&self) -> bool {
+        self.handed_over.load(Ordering::SeqCst)
     }
 
     /// The spread set by [`Hub::drain`].

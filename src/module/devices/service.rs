@@ -203,6 +203,27 @@ impl Devices {
         }
     }
 
+    /// A binary upgrade hands the store to the new process: channels stop
+    /// delivering (one poked or acknowledging from now on closes with
+    /// 1012 and its device reconnects to the new process), the queued
+    /// last-contact times are written, then the store finishes its work
+    /// in flight and closes. Open channels stay until the drain closes
+    /// them with 1012.
+    pub async fn handover(&self) -> anyhow::Result<()> {
+        self.hub.set_handed_over(true);
+        self.contacts.flush().await;
+        self.store.handover().await?;
+        tracing::info!(module = %self.name, store = self.store.kind(), "devices: store released for the new process");
+        Ok(())
+    }
+
+    /// The upgrade failed: open the store again and deliver as before.
+    pub async fn take_back(&self) -> anyhow::Result<()> {
+        self.store.take_back().await?;
+        self.hub.set_handed_over(false);
+        Ok(())
+    }
+
     pub async fn shutdown(&self) {
         self.hub.close_all("server shutting down");
         if let Some(t) = self
