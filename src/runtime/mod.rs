@@ -691,8 +691,14 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
     }
     if upgraded {
         // The new process is systemd's main process now: this one says
-        // nothing more to systemd, and tells WebSockets 1012.
-        drain_with(&rt, rt.plan().drain_timeout, crate::drain::RESTARTING).await;
+        // nothing more to systemd, and tells WebSockets 1012. Connections
+        // accepted just before the handover may not have sent their first
+        // request yet (TLS handshake under way), and the drain closes a
+        // connection without a request in flight: they get a moment first.
+        let deadline = rt.plan().drain_timeout;
+        let settle = UPGRADE_SETTLE.min(deadline / 4);
+        tokio::time::sleep(settle).await;
+        drain_with(&rt, deadline - settle, crate::drain::RESTARTING).await;
     } else {
         crate::systemd::stopping();
         drain(&rt, rt.plan().drain_timeout).await;
@@ -704,6 +710,10 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
     crate::access_log::flush_all(Duration::from_secs(2));
     Ok(())
 }
+
+/// After an upgrade, how long the old process serves its open connections
+/// as usual before its drain starts (out of `drain_timeout`).
+const UPGRADE_SETTLE: Duration = Duration::from_secs(1);
 
 /// The graceful shutdown: stop accepting, tell every connection (idle
 /// keep-alive connections close, HTTP/2 gets GOAWAY, WebSockets are asked
