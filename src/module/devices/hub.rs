@@ -14,7 +14,7 @@
 //! reason wins).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -79,6 +79,16 @@ impl Channel {
     }
 }
 
+/// A binary upgrade's steps, as the channels see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    Serving = 0,
+    /// Nothing more is delivered; acks of what was sent are stored.
+    Releasing = 1,
+    /// The new process has the store.
+    Released = 2,
+}
+
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
@@ -86,10 +96,16 @@ pub struct Hub {
     drain_spread: OnceLock<Duration>,
     /// What the drain's closes say (1001, or 1012 after an upgrade).
     drain_reason: OnceLock<crate::drain::CloseReason>,
-    /// The store was handed to a new process (binary upgrade): channels
-    /// here deliver nothing more, and one that needs the store closes
-    /// with 1012 so that its device reconnects to the new process.
-    handed_over: AtomicBool,
+    /// Where a binary upgrade is (`Handover`): from `Releasing` on,
+    /// channels here deliver nothing more; once `Released`, one that
+    /// needs the store closes with 1012 so that its device reconnects to
+    /// the new process.
+    handover: AtomicU8,
+    /// Commands sent on this balancer's channels and not acknowledged
+    /// yet: the handover waits for their acks (briefly) so that a device
+    /// does not get one again from the new process.
+    unacked: AtomicUsize,
+    acked: Notify,
     /// Told when the last channel is gone.
     emptied: Notify,
 }
@@ -153,13 +169,43 @@ impl Hub {
             .unwrap_or(crate::drain::GOING_AWAY)
     }
 
-    /// The store is handed over (`true`) or taken back (`false`).
-    pub fn set_handed_over(&self, yes: bool) {
-        self.handed_over.store(yes, Ordering::SeqCst);
+    pub fn set_handover(&self, state: Handover) {
+        self.handover.store(state as u8, Ordering::SeqCst);
     }
 
-    pub fn is_handed_over(&self) -> bool {
-        self.handed_over.load(Ordering::SeqCst)
+    /// Whether channels may send commands (not during a handover).
+    pub fn delivering(&self) -> bool {
+        self.handover.load(Ordering::SeqCst) == Handover::Serving as u8
+    }
+
+    /// Whether this process still has the store (acks are stored).
+    pub fn storing(&self) -> bool {
+        self.handover.load(Ordering::SeqCst) != Handover::Released as u8
+    }
+
+    /// A channel's set of unacknowledged commands went from `before` to
+    /// `after` entries.
+    pub fn unacked_changed(&self, before: usize, after: usize) {
+        if after >= before {
+            self.unacked.fetch_add(after - before, Ordering::SeqCst);
+        } else {
+            self.unacked.fetch_sub(before - after, Ordering::SeqCst);
+            self.acked.notify_waiters();
+        }
+    }
+
+    /// Until every command sent here is acknowledged, or `limit`.
+    pub async fn wait_acked(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let acked = self.acked.notified();
+            if self.unacked.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, acked).await.is_err() {
+                return false;
+            }
+        }
     }
 
     /// The spread set by [`Hub::drain`].

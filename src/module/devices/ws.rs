@@ -294,7 +294,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                         // An ack is stored; after the handover the new
                         // process stores it (the command is sent again
                         // there, ids are idempotency keys).
-                        Some(Ok(Message::Text(_))) if devices.hub.is_handed_over() => {
+                        Some(Ok(Message::Text(_))) if !devices.hub.storing() => {
                             closing(&mut conn, max_body, crate::drain::RESTARTING).await;
                             break "the store was handed over (upgrade)".to_string();
                         }
@@ -307,7 +307,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                 }
                 // Delivering reads the store, which the new process has:
                 // the device gets its commands there.
-                Event::Hub(ChannelMsg::Poke) if devices.hub.is_handed_over() => {
+                Event::Hub(ChannelMsg::Poke) if !devices.hub.delivering() => {
                     closing(&mut conn, max_body, crate::drain::RESTARTING).await;
                     break "the store was handed over (upgrade)".to_string();
                 }
@@ -362,6 +362,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
         },
     };
     devices.hub.unregister(&id, &channel);
+    devices.hub.unacked_changed(sent.len(), 0);
     devices.metrics.channels_open.dec();
     drop(conn);
     if channel
@@ -431,7 +432,12 @@ fn deliver_boxed<'a>(
     conn: &'a mut Conn,
     sent: &'a mut HashSet<String>,
 ) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(deliver(devices, id, conn, sent))
+    Box::pin(async move {
+        let before = sent.len();
+        let r = deliver(devices, id, conn, sent).await;
+        devices.hub.unacked_changed(before, sent.len());
+        r
+    })
 }
 
 fn answer_boxed<'a>(
@@ -441,7 +447,12 @@ fn answer_boxed<'a>(
     sent: &'a mut HashSet<String>,
     msg: Message,
 ) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(answer(devices, id, ws, sent, msg))
+    Box::pin(async move {
+        let before = sent.len();
+        let r = answer(devices, id, ws, sent, msg).await;
+        devices.hub.unacked_changed(before, sent.len());
+        r
+    })
 }
 
 /// Answer a text message (an ack: stored, then confirmed) or a binary one
