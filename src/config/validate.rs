@@ -851,3 +851,26 @@ fn per_source(
         table_size: p.table_size,
     }))
 }
+
+#[cfg(test)]
+mod control_socket_tests {
+    use std::path::Path;
+
+    const BASE: &str = "[[pool]]\nname = \"p\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nmode = \"tcp\"\npool = \"p\"\n";
+
+    #[test]
+    fn the_control_socket_defaults_to_the_data_dir_and_fits_a_socket_address() {
+        let plan = crate::config::parse(BASE, Path::new("/etc/fg/f.toml")).unwrap();
+        assert_eq!(plan.control_socket, Path::new("/etc/fg/data/control.sock"));
+        let set = format!("[global]\ncontrol_socket = \"/run/fg.sock\"\n{BASE}");
+        let plan = crate::config::parse(&set, Path::new("/etc/fg/f.toml")).unwrap();
+        assert_eq!(plan.control_socket, Path::new("/run/fg.sock"));
+        let long = format!(
+            "[global]\ncontrol_socket = \"/{}/c.sock\"\n{BASE}",
+            "d".repeat(110)
+        );
+        let e = crate::config::parse(&long, Path::new("/etc/fg/f.toml")).unwrap_err();
+        assert_eq!(e.key.as_str(), "global.control_socket", "{e}");
+        assert!(e.message.contains("at most 107"), "{e}");
+    }
+}
