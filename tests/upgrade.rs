@@ -40,6 +40,10 @@ struct Balancer {
 
 impl Balancer {
     fn start(dir: &Path, config: &str) -> Balancer {
+        Self::start_env(dir, config, &[])
+    }
+
+    fn start_env(dir: &Path, config: &str, env: &[(&str, &Path)]) -> Balancer {
         let admin = free_addr();
         let path = dir.join("fleetgate.toml");
         std::fs::write(&path, config.replace("{admin}", &admin.to_string())).unwrap();
@@ -49,6 +53,7 @@ impl Balancer {
             .args(["run", "-c"])
             .arg(&path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(out.try_clone().unwrap())
             .stderr(out)
@@ -990,4 +995,71 @@ async fn a_failing_new_binary_leaves_the_old_process_serving() {
     let (ok, out, err) = tokio::task::block_in_place(|| lb.upgrade(Some(&copy)));
     assert!(ok, "{out}{err}\n{}", lb.log_text());
     assert_ne!(new_pid(&out), Some(old_pid));
+}
+
+/// SIGUSR2 upgrades to the executable the process was started from; the
+/// old process tells systemd the new main pid, and the new one says
+/// READY=1 only after that (systemd accepts it from the main pid only).
+#[test]
+fn sigusr2_upgrades_and_systemd_follows_the_new_main_pid() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let notify = d.join("notify.sock");
+    let sock = UnixDatagram::bind(&notify).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let l4 = free_addr();
+    let config = format!(
+        "[global]\ndrain_timeout = \"2s\"\n\n[admin]\nbind = \"{{admin}}\"\n\n[[pool]]\nname = \"p\"\nbackends = [{{ address = \"127.0.0.1:9\" }}]\n\n[[listener]]\nname = \"l4\"\nbind = \"{l4}\"\nmode = \"tcp\"\npool = \"p\"\n"
+    );
+    let mut lb = Balancer::start_env(d, &config, &[("NOTIFY_SOCKET", &notify)]);
+    let old = lb.old.id();
+    let mut notes: Vec<String> = Vec::new();
+    let mut next = |notes: &mut Vec<String>, want: &dyn Fn(&str) -> bool| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut buf = [0u8; 4096];
+        while Instant::now() < deadline {
+            if let Ok(n) = sock.recv(&mut buf) {
+                let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+                notes.push(text.clone());
+                if text.lines().any(want) {
+                    return text;
+                }
+            }
+        }
+        panic!("not received; got {notes:?}");
+    };
+    next(&mut notes, &|l| l == "READY=1");
+    let ok = Command::new("kill")
+        .args(["-USR2", &old.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+    let main = next(&mut notes, &|l| l.starts_with("MAINPID="));
+    let new: u32 = main
+        .lines()
+        .find_map(|l| l.strip_prefix("MAINPID="))
+        .unwrap()
+        .parse()
+        .unwrap();
+    lb.new_pids.push(new);
+    assert_ne!(new, old);
+    next(&mut notes, &|l| l == "READY=1");
+    assert!(
+        lb.old_exited_within(Duration::from_secs(3)),
+        "{}",
+        lb.log_text()
+    );
+    assert!(alive(new));
+    // The new process accepts on the inherited sockets, admin included.
+    lb.wait_healthy();
+    std::net::TcpStream::connect(l4).expect("the L4 listener accepts");
+    let log = lb.log_text();
+    assert!(log.contains("SIGUSR2: upgrading"), "{log}");
+    assert!(
+        !notes.iter().any(|n| n.contains("STOPPING=1")),
+        "the old process said nothing more: {notes:?}"
+    );
 }
