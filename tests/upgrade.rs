@@ -1016,7 +1016,7 @@ fn sigusr2_upgrades_and_systemd_follows_the_new_main_pid() {
     let mut lb = Balancer::start_env(d, &config, &[("NOTIFY_SOCKET", &notify)]);
     let old = lb.old.id();
     let mut notes: Vec<String> = Vec::new();
-    let mut next = |notes: &mut Vec<String>, want: &dyn Fn(&str) -> bool| {
+    let next = |notes: &mut Vec<String>, want: &dyn Fn(&str) -> bool| {
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut buf = [0u8; 4096];
         while Instant::now() < deadline {
