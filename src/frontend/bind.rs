@@ -106,6 +106,50 @@ mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
 
+    /// An inherited group grows to the worker count (joining the same
+    /// port by SO_REUSEPORT) and never shrinks: closing a socket of the
+    /// group would drop what is queued on it.
+    #[test]
+    fn an_adopted_group_grows_but_keeps_every_socket() {
+        let opts = SocketOptions {
+            reuse_port: false,
+            backlog: 16,
+            nodelay: true,
+            keepalive: false,
+        };
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), &opts, 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        let grown = adopt_group(group, &opts, 3).unwrap();
+        assert_eq!(grown.len(), 3);
+        assert!(grown.iter().all(|s| s.local_addr().unwrap() == addr));
+        let kept = adopt_group(grown, &opts, 1).unwrap();
+        assert_eq!(kept.len(), 3);
+        // The connection queued before the adoption is still there, on
+        // one of the original sockets.
+        let peer = queued.local_addr().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        'found: loop {
+            for s in &kept {
+                if let Ok((_, p)) = s.accept() {
+                    assert_eq!(p, peer);
+                    break 'found;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queued connection is lost"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let single = bind_group("127.0.0.1:0".parse().unwrap(), &opts, 1).unwrap();
+        assert_eq!(
+            adopt_group(single, &opts, 2).unwrap().len(),
+            1,
+            "no SO_REUSEPORT: kept as it is"
+        );
+    }
+
     /// The accept path relies on accepted sockets inheriting TCP_NODELAY
     /// and the keep-alive settings from the listening socket.
     #[tokio::test]
