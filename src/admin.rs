@@ -135,6 +135,12 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {
             .header("content-type", prometheus::TEXT_FORMAT)
             .body(Full::new(Bytes::from(rt.metrics.render())))
             .expect("static response"),
+        // A draining process still answers (it serves its connections
+        // to the end) but must not be sent new ones: a health checker in
+        // front (keepalived, a cloud load balancer) moves traffic away.
+        (&Method::GET, "/healthz") if rt.drain.is_started() => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        }
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (_, "/" | "/metrics" | "/healthz" | "/status") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")

@@ -8,6 +8,7 @@ pub mod access_log;
 pub mod acl;
 pub mod admin;
 pub mod balance;
+pub mod build_info;
 pub mod clock;
 pub mod config;
 pub mod discovery;

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use fleetgate::{admin, config, logging, metrics::Metrics, runtime};
 
@@ -19,6 +19,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "fleetgate",
     version,
+    long_version = cli::version::long(),
     about = "Load balancer for device-management fleets"
 )]
 struct Cli {
@@ -61,10 +62,22 @@ enum Command {
         #[arg(long)]
         binary: Option<PathBuf>,
     },
+    /// Certificates: `renew` replaces the `cert = "auto"` pair.
+    Cert {
+        #[command(subcommand)]
+        command: cli::cert::CertCommand,
+    },
     /// Network tokens for discovery.
     Token {
         #[command(subcommand)]
         command: TokenCommand,
+    },
+    /// Write the man pages (fleetgate.1 and one per subcommand) into DIR;
+    /// the package build runs it.
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -126,6 +139,8 @@ fn main() -> ExitCode {
         }
         Command::Simulate(opts) => cli::simulate::main(*opts),
         Command::Upgrade { config, binary } => fleetgate::upgrade::client::main(&config, binary),
+        Command::Manpages { dir } => cli::manpages::main(Cli::command(), &dir),
+        Command::Cert { command } => cli::cert::main(command),
         Command::Run { config } => match run(config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

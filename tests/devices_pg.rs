@@ -2,8 +2,8 @@
 //! reaches a device whose channel is held by the other (LISTEN/NOTIFY),
 //! and a revocation on one is enforced by the other at once.
 //!
-//! Needs `FLEETGATE_TEST_PG_URL` (see .ci/pg-setup.sh); skipped without it,
-//! except in CI (`CI=true`), where a missing URL fails.
+//! Runs against `FLEETGATE_TEST_PG_URL` when set, otherwise against a
+//! throw-away PostgreSQL of its own (tests/common/pg.rs).
 
 mod common;
 
@@ -12,22 +12,9 @@ use std::time::Duration;
 use common::devices::DevicesLb;
 use serde_json::json;
 
-fn pg_url() -> Option<String> {
-    match std::env::var("FLEETGATE_TEST_PG_URL") {
-        Ok(u) if !u.is_empty() => Some(u),
-        _ if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but FLEETGATE_TEST_PG_URL is not set: run .ci/pg-setup.sh first")
-        }
-        _ => {
-            eprintln!("FLEETGATE_TEST_PG_URL not set: skipping");
-            None
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_balancers_one_fleet() {
-    let Some(url) = pg_url() else { return };
+    let url = common::pg::url();
     let store = format!("store = {{ kind = \"postgres\", url = \"{url}\" }}");
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = DevicesLb::start(dir_a.path(), &store).await;

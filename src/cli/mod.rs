@@ -5,4 +5,7 @@
 //! proxy: they live in the binary, so the library is the proxy alone.
 
 pub mod agent;
+pub mod cert;
+pub mod manpages;
 pub mod simulate;
+pub mod version;

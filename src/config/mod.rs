@@ -16,6 +16,7 @@ use std::path::Path;
 pub use error::ConfigError;
 pub use first_start::FirstStart;
 pub use plan::*;
+pub use tls::auto_cert_paths;
 
 /// Read, parse and validate a configuration file, knowing the built-in
 /// module kinds.
@@ -41,6 +42,15 @@ pub fn load_next(
 ) -> Result<Plan, ConfigError> {
     let text = read(path)?;
     parse_impl(&text, path, modules, Some(running))
+}
+
+/// Validate the running configuration again as it was last loaded (the
+/// text of the running plan, not the file as it is now), which re-reads
+/// the certificate, key and CA files it names: what applies a renewed
+/// certificate. Writes nothing, like `load_next`.
+pub fn load_again(modules: &crate::module::Registry, running: &Plan) -> Result<Plan, ConfigError> {
+    let text = running.origin.text.clone();
+    parse_impl(&text, &running.source, modules, Some(running))
 }
 
 fn read(path: &Path) -> Result<String, ConfigError> {
@@ -96,10 +106,16 @@ fn parse_impl(
         )
     })?;
     let kinds: Vec<&str> = modules.kinds().collect();
-    validate::validate(file, path, &kinds, running).map_err(|e| {
+    let watched = tls::watched(&file, path);
+    let mut plan = validate::validate(file, path, &kinds, running).map_err(|e| {
         let offset = locate::offset_of(text, &e.path);
         at(text, path, offset, error::path_string(&e.path), e.message)
-    })
+    })?;
+    plan.origin = Origin {
+        text: text.into(),
+        watched,
+    };
+    Ok(plan)
 }
 
 fn at(text: &str, path: &Path, offset: Option<usize>, key: String, message: String) -> ConfigError {

@@ -33,6 +33,30 @@ pub struct Plan {
     /// Files this plan's TLS configs hold in memory that are not on disk
     /// yet; the runtime writes them when it starts.
     pub first_start: super::FirstStart,
+    /// The text this plan was validated from and the files it read that
+    /// are watched for changes.
+    pub origin: Origin,
+}
+
+/// Where a plan came from. A renewed certificate is applied by validating
+/// this text again, not the configuration file as it is now: an
+/// operator's half-edited file must not go live because a certificate
+/// changed.
+#[derive(Clone, Default)]
+pub struct Origin {
+    pub text: Arc<str>,
+    /// Certificate, key and CA files of the listeners and pools whose
+    /// `tls.watch` is on, each once, sorted.
+    pub watched: Vec<PathBuf>,
+}
+
+impl std::fmt::Debug for Origin {
+    /// The files only: the text is the whole configuration.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Origin")
+            .field("watched", &self.watched)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Clone)]

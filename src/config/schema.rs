@@ -378,6 +378,10 @@ pub struct ListenerTls {
     pub ciphers: Vec<String>,
     #[serde(default = "default_alpn")]
     pub alpn: Vec<String>,
+    /// Re-read the certificate, key and CA files when they change (a
+    /// renewal), without a SIGHUP. Off: only a reload re-reads them.
+    #[serde(default = "default_true")]
+    pub watch: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -415,6 +419,10 @@ pub struct PoolTls {
     pub cert: Option<String>,
     #[serde(default)]
     pub key: Option<String>,
+    /// As a listener's `tls.watch`: re-read `ca`, `cert` and `key` when
+    /// they change.
+    #[serde(default = "default_true")]
+    pub watch: bool,
 }
 
 pub use crate::balance::Algorithm;

@@ -4,7 +4,8 @@
 //! Validation writes nothing: a certificate or CA that a first start
 //! creates is made in memory here and written by `FirstStart::create`.
 
-use std::path::Path;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::error::{Seg, SemanticError};
@@ -142,8 +143,7 @@ fn auto_cert(
     t: &schema::ListenerTls,
     env: &mut Env,
 ) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
-    let cert = env.data_dir.join("server.pem");
-    let key = env.data_dir.join("server.key");
+    let (cert, key) = auto_cert_paths(env.data_dir);
     if cert.exists() && key.exists() {
         return certs::load_certified_key(&cert, &key).map_err(|e| e.to_string());
     }
@@ -158,6 +158,12 @@ fn auto_cert(
         }
     };
     certified_key_from_pem(&pair.cert_pem, &pair.key_pem, &cert, &key)
+}
+
+/// Where `cert = "auto"` keeps its pair: one per data directory, shared
+/// by every listener that uses it.
+pub fn auto_cert_paths(data_dir: &Path) -> (PathBuf, PathBuf) {
+    (data_dir.join("server.pem"), data_dir.join("server.key"))
 }
 
 fn certified_key_from_pem(
@@ -265,4 +271,117 @@ pub fn upstream(
         err(key, e.to_string())
     })?;
     Ok(built.with_certificates(UsedCerts::new(used)))
+}
+
+/// The files of `file` to watch for changes: for every listener and pool
+/// whose `tls.watch` is on, its certificates, keys and CA bundles (the
+/// data directory's pair for `cert = "auto"`; not a module's device CA,
+/// which its module owns). Paths as validation reads them.
+pub fn watched(file: &schema::File, source: &Path) -> Vec<PathBuf> {
+    let base = source.parent().unwrap_or(Path::new("."));
+    let data_dir = base.join(&file.global.data_dir);
+    let mut files = BTreeSet::new();
+    for t in file.listeners.iter().filter_map(|l| l.tls.as_ref()) {
+        if !t.watch {
+            continue;
+        }
+        if t.cert == "auto" {
+            let (cert, key) = auto_cert_paths(&data_dir);
+            files.insert(cert);
+            files.insert(key);
+        } else {
+            files.insert(base.join(&t.cert));
+            files.extend(t.key.iter().map(|k| base.join(k)));
+        }
+        for pair in &t.certificates {
+            files.insert(base.join(&pair.cert));
+            files.insert(base.join(&pair.key));
+        }
+        if let Some(ca) = t.client_ca.as_ref().filter(|ca| !ca.starts_with("module:")) {
+            files.insert(base.join(ca));
+        }
+    }
+    for t in file.pools.iter().filter_map(|p| p.tls.as_ref()) {
+        if t.watch {
+            files.insert(base.join(&t.ca));
+            files.extend(t.cert.iter().chain(&t.key).map(|f| base.join(f)));
+        }
+    }
+    files.into_iter().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use crate::tls::certs;
+
+    const CONFIG: &str = r#"
+[[listener]]
+name = "watched"
+bind = "127.0.0.1:1"
+mode = "offload"
+tls = { cert = "a.pem", key = "a.key", client_auth = "required", client_ca = "a.pem" }
+pool = "p"
+
+[[listener]]
+name = "not-watched"
+bind = "127.0.0.1:2"
+mode = "offload"
+tls = { cert = "b.pem", key = "b.key", watch = false }
+pool = "p"
+
+[[pool]]
+name = "p"
+backends = [{ address = "127.0.0.1:3" }]
+tls = { ca = "a.pem", cert = "c.pem", key = "c.key" }
+"#;
+
+    /// The configuration and three self-signed pairs a, b and c.
+    fn files(dir: &Path) -> PathBuf {
+        for name in ["a", "b", "c"] {
+            let pair = certs::self_signed(&[]).unwrap();
+            let (cert, key) = (
+                dir.join(format!("{name}.pem")),
+                dir.join(format!("{name}.key")),
+            );
+            certs::write_self_signed(&pair, &cert, &key).unwrap();
+        }
+        let path = dir.join("fleetgate.toml");
+        std::fs::write(&path, CONFIG).unwrap();
+        path
+    }
+
+    #[test]
+    fn the_files_of_listeners_and_pools_with_watch_on_are_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let plan = crate::config::load(&files(dir.path())).unwrap();
+        let want: Vec<PathBuf> = ["a.key", "a.pem", "c.key", "c.pem"]
+            .iter()
+            .map(|f| dir.path().join(f))
+            .collect();
+        assert_eq!(plan.origin.watched, want);
+    }
+
+    #[test]
+    fn a_certificate_reload_reads_the_certificates_again_but_not_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = files(dir.path());
+        let registry = crate::module::builtin::registry();
+        let running = crate::config::load_with(&path, &registry).unwrap();
+        // An edit in progress: not what a renewal applies.
+        std::fs::write(&path, "[[listener]]\nname = ").unwrap();
+        let again = crate::config::load_again(&registry, &running).unwrap();
+        assert_eq!(again.listeners.len(), 2);
+        assert_eq!(&*again.origin.text, CONFIG);
+
+        // The certificate files are read again: a renewed certificate
+        // without its key is refused, naming both files.
+        std::fs::copy(dir.path().join("b.pem"), dir.path().join("a.pem")).unwrap();
+        let e = crate::config::load_again(&registry, &running).unwrap_err();
+        assert!(
+            e.message.contains("does not match") && e.message.contains("a.pem"),
+            "{e}"
+        );
+    }
 }

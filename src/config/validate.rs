@@ -193,6 +193,7 @@ pub fn validate(
         control_socket,
         syslog,
         first_start: env.first_start,
+        origin: Default::default(),
     })
 }
 

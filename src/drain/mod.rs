@@ -107,6 +107,32 @@ impl Drain {
     }
 }
 
+/// How long, after `drain_timeout`, a stopping process may take to stop
+/// its modules and flush its logs before it exits regardless.
+pub const EXIT_GRACE: Duration = Duration::from_millis(750);
+
+/// Make sure the stop ends: a thread that exits the process `after` from
+/// now, whatever is still running then. The drain itself gives up on its
+/// connections at `drain_timeout`, but what follows it can still wait
+/// without bound: a module's shutdown on an unreachable store, a log
+/// write to a hung disk, or a blocking task, which the async runtime
+/// waits for when it is dropped. Balancers that hang in "stopping" hold
+/// up restarts, upgrades and failovers.
+pub fn exit_no_later_than(after: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("exit-deadline".into())
+        .spawn(move || {
+            std::thread::sleep(after);
+            tracing::error!(
+                "still stopping {after:?} after the drain began; exiting now without waiting further"
+            );
+            std::process::exit(0);
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("no exit deadline thread: {e}");
+    }
+}
+
 /// The WebSocket Close a drain sends: code and reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CloseReason {

@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::module::{Module, ModuleEnv, Registry};
 use crate::workers::Workers;
 
+mod cert_watch;
 mod restart;
 
 /// Listening sockets handed over by the process being upgraded, by
@@ -84,6 +85,9 @@ pub struct Runtime {
     /// embedder's own kinds as the start did.
     registry: Registry,
     applied: Mutex<Applied>,
+    /// One reload at a time (SIGHUP, certificate watch): a reload must not
+    /// apply a plan made from a configuration that another one replaced.
+    reloading: Mutex<()>,
     background: Mutex<Vec<JoinHandle<()>>>,
     /// Listening sockets handed over by the process this one replaces
     /// (`fleetgate upgrade`), by address; taken by the first `apply`.
@@ -174,6 +178,7 @@ impl Runtime {
             status: Default::default(),
             registry: registry.clone(),
             applied,
+            reloading: Mutex::new(()),
             background: Mutex::new(Vec::new()),
             inherited: Mutex::new(inherited),
             accepting: watch::channel(true).0,
@@ -186,6 +191,7 @@ impl Runtime {
         }
         let tasks = vec![
             tokio::spawn(watch_backends(Arc::downgrade(&rt))),
+            tokio::spawn(cert_watch::run(Arc::downgrade(&rt))),
             crate::status::started(&rt),
         ];
         rt.background.lock().unwrap().extend(tasks);
@@ -208,13 +214,31 @@ impl Runtime {
 
     /// Re-read the configuration file; on any error the running plan stays.
     pub fn reload(&self) -> anyhow::Result<()> {
-        let path = self.plan().source.clone();
-        let result = config::load_next(&path, &self.registry, &self.plan())
-            .map_err(anyhow::Error::from)
-            .and_then(|plan| {
-                plan.first_start.create()?;
-                self.apply(plan)
-            });
+        let _one = self.reloading.lock().unwrap();
+        let running = self.plan();
+        self.apply_reload(config::load_next(&running.source, &self.registry, &running))
+    }
+
+    /// Apply the running configuration again as it was last loaded (not
+    /// the file as it is now), which re-reads its certificate, key and CA
+    /// files: a renewal, counted as a reload. On any error (a file that
+    /// does not parse, a key that does not match) the running plan stays.
+    pub fn reload_certificates(&self) -> anyhow::Result<()> {
+        let _one = self.reloading.lock().unwrap();
+        // A drain has stopped the listeners: applying would bind them again.
+        if self.drain.is_started() {
+            anyhow::bail!("draining: certificates are no longer reloaded");
+        }
+        let running = self.plan();
+        self.apply_reload(config::load_again(&self.registry, &running))
+    }
+
+    /// Apply a reload's plan, or record its error; either is counted.
+    fn apply_reload(&self, next: Result<Plan, config::ConfigError>) -> anyhow::Result<()> {
+        let result = next.map_err(anyhow::Error::from).and_then(|plan| {
+            plan.first_start.create()?;
+            self.apply(plan)
+        });
         self.status.reloaded(&result, &self.metrics, &self.plan());
         let label = if result.is_ok() { "ok" } else { "error" };
         self.metrics.reloads.with_label_values(&[label]).inc();
@@ -689,25 +713,27 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
             _ = int.recv() => break,
         }
     }
+    let deadline = rt.plan().drain_timeout;
+    crate::drain::exit_no_later_than(deadline + crate::drain::EXIT_GRACE);
     if upgraded {
         // The new process is systemd's main process now: this one says
         // nothing more to systemd, and tells WebSockets 1012. Connections
         // accepted just before the handover may not have sent their first
         // request yet (TLS handshake under way), and the drain closes a
-        // connection without a request in flight: they get a moment first.
-        let deadline = rt.plan().drain_timeout;
+        // connection without a request in flight: they get a moment first
+        // (out of drain_timeout: the exit deadline stays the same).
         let settle = UPGRADE_SETTLE.min(deadline / 4);
         tokio::time::sleep(settle).await;
         drain_with(&rt, deadline - settle, crate::drain::RESTARTING).await;
     } else {
         crate::systemd::stopping();
-        drain(&rt, rt.plan().drain_timeout).await;
+        drain(&rt, deadline).await;
     }
     for (name, module) in &rt.modules {
         module.shutdown().await;
         tracing::info!(module = %name, "module stopped");
     }
-    crate::access_log::flush_all(Duration::from_secs(2));
+    crate::access_log::flush_all(crate::drain::EXIT_GRACE / 2);
     Ok(())
 }
 

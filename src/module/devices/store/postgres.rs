@@ -791,31 +791,21 @@ impl Store for PgStore {
     }
 }
 
+/// `FLEETGATE_TEST_PG_URL`, or a throw-away server (shared with the
+/// integration tests).
+#[cfg(test)]
+#[path = "../../../../tests/common/pg.rs"]
+mod test_pg;
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The database for these tests, from `FLEETGATE_TEST_PG_URL`. In CI
-    /// (`CI=true`) a missing URL fails the test: the PostgreSQL store must
-    /// not go untested there by accident.
-    pub(crate) fn test_url() -> Option<String> {
-        match std::env::var("FLEETGATE_TEST_PG_URL") {
-            Ok(u) if !u.is_empty() => Some(u),
-            _ if std::env::var("CI").as_deref() == Ok("true") => {
-                panic!("CI=true but FLEETGATE_TEST_PG_URL is not set: run .ci/pg-setup.sh first")
-            }
-            _ => {
-                eprintln!("FLEETGATE_TEST_PG_URL not set: skipping the PostgreSQL store tests");
-                None
-            }
-        }
-    }
 
     // One test function: the suite empties the database, so two tests on
     // it must not run at the same time.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn postgres_store_suite_and_notifications() {
-        let Some(url) = test_url() else { return };
+        let url = test_pg::url();
         let a = PgStore::connect(&url).await.unwrap();
         super::super::suite::run_all(&a).await;
 
