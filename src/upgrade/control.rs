@@ -66,6 +66,16 @@ pub fn start(
 ) -> anyhow::Result<()> {
     let listener = match inherited {
         Some(l) => l,
+        None if in_use(path) => {
+            // Two balancers started from one configuration (say, in two
+            // network namespaces on one file system): the second runs,
+            // without `fleetgate upgrade`, rather than refuse to start.
+            tracing::warn!(
+                path = %path.display(),
+                "control socket in use by another fleetgate: this process cannot be upgraded (set global.control_socket to a path of its own)"
+            );
+            return Ok(());
+        }
         None => bind(path)?,
     };
     let admin_dup = socket2::SockRef::from(admin)
@@ -91,20 +101,18 @@ pub fn start(
     Ok(())
 }
 
+/// Whether a running process answers on `path`.
+fn in_use(path: &Path) -> bool {
+    UnixStream::connect(path).is_ok()
+}
+
 /// Bind the control socket, mode 0600. A socket file nobody listens on
-/// is left from a process that is gone and is replaced; one that answers
-/// belongs to a running fleetgate.
+/// is left from a process that is gone and is replaced.
 fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            anyhow::bail!(
-                "control socket {}: another fleetgate is running with it",
-                path.display()
-            );
-        }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     let listener = UnixListener::bind(path)
