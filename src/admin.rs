@@ -22,12 +22,42 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
         .map_err(|e| anyhow::anyhow!("admin: cannot bind {addr}: {e}"))
 }
 
+/// The admin listener: the socket handed over by the process being
+/// upgraded, if there is one for `addr`, else a fresh bind.
+pub async fn adopt_or_bind(
+    addr: SocketAddr,
+    inherited: Option<std::net::TcpListener>,
+) -> anyhow::Result<TcpListener> {
+    match inherited {
+        None => bind(addr).await,
+        Some(sock) => {
+            sock.set_nonblocking(true)?;
+            TcpListener::from_std(sock)
+                .map_err(|e| anyhow::anyhow!("admin: cannot use the socket for {addr}: {e}"))
+        }
+    }
+}
+
+/// Serve until the process exits. While an upgrade has paused accepting
+/// (`Runtime::pause_accepting`), connections wait in the socket's queue,
+/// for the new process or for this one if the upgrade fails.
 pub async fn serve(listener: TcpListener, rt: Arc<Runtime>) {
     // Out of descriptors, accept fails every few milliseconds: one line a
     // second says so without flooding the log.
     let error_log = RateLimit::new(1000);
+    let mut accepting = rt.accepting();
     loop {
-        let (stream, _) = match listener.accept().await {
+        if !*accepting.borrow_and_update() {
+            if accepting.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = accepting.changed() => continue,
+        };
+        let (stream, _) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 if let Some(held) = error_log.allow() {

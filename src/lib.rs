@@ -29,4 +29,5 @@ pub mod status;
 pub mod syslog;
 pub mod systemd;
 pub mod tls;
+pub mod upgrade;
 pub mod workers;

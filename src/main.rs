@@ -50,6 +50,18 @@ enum Command {
     /// Simulate a fleet of devices against the devices module (sizing
     /// and measurement; loopback targets only, see docs/simulator.md).
     Simulate(Box<cli::simulate::Options>),
+    /// Replace the running process by a new binary without dropping a
+    /// connection: the running process starts it, hands its listening
+    /// sockets and stores over, and drains. Prints the new pid, or why
+    /// not (the running process then goes on serving) and exits 1.
+    Upgrade {
+        #[arg(short, long, default_value = "conf/fleetgate.toml")]
+        config: PathBuf,
+        /// The new binary (default: the path the running one was started
+        /// from, which a package upgrade has replaced).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Certificates: `renew` replaces the `cert = "auto"` pair.
     Cert {
         #[command(subcommand)]
@@ -126,6 +138,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Simulate(opts) => cli::simulate::main(*opts),
+        Command::Upgrade { config, binary } => fleetgate::upgrade::client::main(&config, binary),
         Command::Manpages { dir } => cli::manpages::main(Cli::command(), &dir),
         Command::Cert { command } => cli::cert::main(command),
         Command::Run { config } => match run(config) {
@@ -140,6 +153,21 @@ fn main() -> ExitCode {
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     logging::init("info");
+    // Started by `fleetgate upgrade` to take over from a running process?
+    let mut takeover = fleetgate::upgrade::Takeover::from_env();
+    let result = start_and_serve(path, takeover.as_mut());
+    if let (Err(e), Some(t)) = (&result, takeover.as_mut()) {
+        t.failed(e);
+    }
+    // The last lines (drained, exiting) reach the syslog server too.
+    fleetgate::syslog::stop();
+    result
+}
+
+fn start_and_serve(
+    path: PathBuf,
+    mut takeover: Option<&mut fleetgate::upgrade::Takeover>,
+) -> anyhow::Result<()> {
     let plan = config::load(&path)?;
     logging::init(&plan.log_level);
     fleetgate::syslog::configure(plan.syslog.as_ref())?;
@@ -149,18 +177,31 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let control = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = control.block_on(async move {
+    control.block_on(async move {
         let signals = runtime::Signals::install()?;
         let metrics = Arc::new(Metrics::new());
-        let admin_listener = admin::bind(plan.admin_bind).await?;
-        let rt = runtime::Runtime::start(plan, metrics).await?;
+        let mut inherited = match takeover.as_deref_mut() {
+            Some(t) => t.receive_sockets()?,
+            None => Default::default(),
+        };
+        let admin_listener =
+            admin::adopt_or_bind(plan.admin_bind, inherited.admin_for(plan.admin_bind)).await?;
+        let control_socket = plan.control_socket.clone();
+        let control = inherited.control_for(&control_socket);
+        if let Some(t) = takeover.as_deref_mut() {
+            t.release()?;
+        }
+        let registry = fleetgate::module::builtin::registry();
+        let rt = runtime::Runtime::start_inherited(plan, metrics, &registry, inherited.listeners)
+            .await?;
+        fleetgate::upgrade::start(&rt, &admin_listener, &control_socket, control)?;
         tracing::info!(config = %path.display(), admin = %admin_listener.local_addr()?, "fleetgate started");
         tokio::spawn(admin::serve(admin_listener, rt.clone()));
+        if let Some(t) = takeover {
+            t.ready()?;
+        }
         fleetgate::systemd::ready(&rt);
         fleetgate::systemd::spawn_watchdog(rt.clone());
         runtime::serve_until_signalled(rt, signals).await
-    });
-    // The last lines (drained, exiting) reach the syslog server too.
-    fleetgate::syslog::stop();
-    result
+    })
 }

@@ -27,6 +27,8 @@ pub struct Plan {
     pub discovery: Option<DiscoveryPlan>,
     /// `None`: the default reserve (see `shortage::set_reserve`).
     pub descriptor_reserve: Option<u64>,
+    /// Where `fleetgate upgrade` reaches the running process.
+    pub control_socket: PathBuf,
     pub syslog: Option<crate::syslog::SyslogPlan>,
     /// Files this plan's TLS configs hold in memory that are not on disk
     /// yet; the runtime writes them when it starts.

@@ -106,6 +106,10 @@ pub struct Global {
     /// not take (default: 64, at most a quarter of the limit).
     #[serde(default)]
     pub descriptor_reserve: Option<u64>,
+    /// The Unix socket `fleetgate upgrade` talks to (mode 0600); relative
+    /// to the config file. Default: `<data_dir>/control.sock`.
+    #[serde(default)]
+    pub control_socket: Option<String>,
 }
 
 impl Default for Global {
@@ -117,6 +121,7 @@ impl Default for Global {
             cpu_affinity: Default::default(),
             data_dir: default_data_dir(),
             descriptor_reserve: None,
+            control_socket: None,
         }
     }
 }

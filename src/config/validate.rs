@@ -2,7 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::error::{Seg, SemanticError};
 use super::first_start::FirstStart;
@@ -99,6 +99,7 @@ pub fn validate(
     }
     let module_names: HashSet<String> = file.module.keys().cloned().collect();
     let data_dir = base.join(&file.global.data_dir);
+    let control_socket = control_socket(file.global.control_socket.as_deref(), base, &data_dir)?;
     let mut env = Env {
         base,
         data_dir: &data_dir,
@@ -189,10 +190,48 @@ pub fn validate(
         modules: modules.clone(),
         discovery,
         descriptor_reserve: file.global.descriptor_reserve,
+        control_socket,
         syslog,
         first_start: env.first_start,
         origin: Default::default(),
     })
+}
+
+/// The control socket's path: a Unix socket address holds at most 107
+/// bytes of path (`sun_path`), which a deep data directory can exceed.
+fn control_socket(
+    configured: Option<&str>,
+    base: &Path,
+    data_dir: &Path,
+) -> Result<PathBuf, SemanticError> {
+    const SUN_PATH_MAX: usize = 107;
+    let path = match configured {
+        Some("") => {
+            return Err(SemanticError::new(
+                key_path!["global", "control_socket"],
+                "control_socket must not be empty",
+            ))
+        }
+        Some(p) => base.join(p),
+        None => data_dir.join("control.sock"),
+    };
+    let len = path.as_os_str().len();
+    if len > SUN_PATH_MAX {
+        return Err(SemanticError::new(
+            key_path!["global", "control_socket"],
+            format!(
+                "{} is {len} bytes long; a Unix socket path holds at most {SUN_PATH_MAX} (set global.control_socket to a shorter path)",
+                path.display()
+            ),
+        ));
+    }
+    if path.is_dir() {
+        return Err(SemanticError::new(
+            key_path!["global", "control_socket"],
+            format!("{} is a directory", path.display()),
+        ));
+    }
+    Ok(path)
 }
 
 fn pool(p: schema::Pool, i: usize, base: &Path) -> Result<PoolPlan, SemanticError> {
@@ -812,4 +851,27 @@ fn per_source(
         prefix_v6: p.prefix_v6,
         table_size: p.table_size,
     }))
+}
+
+#[cfg(test)]
+mod control_socket_tests {
+    use std::path::Path;
+
+    const BASE: &str = "[[pool]]\nname = \"p\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nmode = \"tcp\"\npool = \"p\"\n";
+
+    #[test]
+    fn the_control_socket_defaults_to_the_data_dir_and_fits_a_socket_address() {
+        let plan = crate::config::parse(BASE, Path::new("/etc/fg/f.toml")).unwrap();
+        assert_eq!(plan.control_socket, Path::new("/etc/fg/data/control.sock"));
+        let set = format!("[global]\ncontrol_socket = \"/run/fg.sock\"\n{BASE}");
+        let plan = crate::config::parse(&set, Path::new("/etc/fg/f.toml")).unwrap();
+        assert_eq!(plan.control_socket, Path::new("/run/fg.sock"));
+        let long = format!(
+            "[global]\ncontrol_socket = \"/{}/c.sock\"\n{BASE}",
+            "d".repeat(110)
+        );
+        let e = crate::config::parse(&long, Path::new("/etc/fg/f.toml")).unwrap_err();
+        assert_eq!(e.key.as_str(), "global.control_socket", "{e}");
+        assert!(e.message.contains("at most 107"), "{e}");
+    }
 }

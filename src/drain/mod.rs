@@ -31,6 +31,8 @@ pub struct Drain(Arc<State>);
 
 struct State {
     started: AtomicBool,
+    /// What WebSockets are told when they are closed (set before `started`).
+    reason: OnceLock<CloseReason>,
     /// Over how long WebSocket closes are spread (set before `started`).
     spread: OnceLock<Duration>,
     shards: [Notify; SHARDS],
@@ -41,6 +43,7 @@ impl Drain {
     pub fn new(tracker: Arc<ConnectionTracker>) -> Drain {
         Drain(Arc::new(State {
             started: AtomicBool::new(false),
+            reason: OnceLock::new(),
             spread: OnceLock::new(),
             shards: std::array::from_fn(|_| Notify::new()),
             tracker,
@@ -50,6 +53,13 @@ impl Drain {
     /// Start the drain: every waiter wakes. WebSockets close at random
     /// moments within `spread`. Only the first call counts.
     pub fn begin(&self, spread: Duration) {
+        self.begin_with(spread, GOING_AWAY);
+    }
+
+    /// Like `begin`, telling WebSockets `reason` (an upgrade says 1012:
+    /// the service restarts, come back to the same address).
+    pub fn begin_with(&self, spread: Duration, reason: CloseReason) {
+        let _ = self.0.reason.set(reason);
         let _ = self.0.spread.set(spread);
         if !self.0.started.swap(true, Ordering::SeqCst) {
             for shard in &self.0.shards {
@@ -79,6 +89,11 @@ impl Drain {
     /// the remaining balancers in one instant.
     pub fn close_delay(&self) -> Duration {
         random_part(self.spread())
+    }
+
+    /// The Close frame's code and reason for this drain.
+    pub fn close_reason(&self) -> CloseReason {
+        self.0.reason.get().copied().unwrap_or(GOING_AWAY)
     }
 
     pub fn spread(&self) -> Duration {
@@ -117,6 +132,26 @@ pub fn exit_no_later_than(after: Duration) {
         tracing::warn!("no exit deadline thread: {e}");
     }
 }
+
+/// The WebSocket Close a drain sends: code and reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloseReason {
+    pub code: u16,
+    pub reason: &'static str,
+}
+
+/// A shutdown: 1001 "going away", reconnect elsewhere.
+pub const GOING_AWAY: CloseReason = CloseReason {
+    code: 1001,
+    reason: "balancer draining, reconnect",
+};
+
+/// A binary upgrade: 1012 "service restart", the new process already
+/// listens on the same address.
+pub const RESTARTING: CloseReason = CloseReason {
+    code: 1012,
+    reason: "balancer upgraded, reconnect",
+};
 
 /// The part of `drain_timeout` over which WebSocket closes are spread:
 /// the rest leaves time for the close handshakes and reconnects.

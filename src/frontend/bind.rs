@@ -31,6 +31,35 @@ pub fn bind_group(
     Ok(group)
 }
 
+/// Take over a listener's sockets from the process being upgraded: the
+/// same sockets with the same queues, so nothing queued is lost and no
+/// bind can fail. The options that accepted sockets inherit are set
+/// again (the configuration may have changed them); the backlog is the
+/// one the sockets were created with. With more workers than sockets, the
+/// group grows by SO_REUSEPORT sockets if it has that option; with fewer,
+/// every socket is kept (closing one would drop the connections queued
+/// on it) and workers take several.
+pub fn adopt_group(
+    mut group: Vec<std::net::TcpListener>,
+    opts: &SocketOptions,
+    workers: usize,
+) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = group
+        .first()
+        .ok_or_else(|| io::Error::other("no socket was handed over"))?;
+    let bound = first.local_addr()?;
+    let reuse_port = SockRef::from(first).reuse_port().unwrap_or(false);
+    for sock in &group {
+        sock.set_nonblocking(true)?;
+        #[cfg(target_os = "linux")]
+        tune(SockRef::from(sock), opts)?;
+    }
+    while reuse_port && group.len() < workers {
+        group.push(bind(bound, opts, true)?);
+    }
+    Ok(group)
+}
+
 /// Bind one listening socket with the configured options.
 fn bind(
     addr: SocketAddr,
@@ -76,6 +105,50 @@ pub(super) fn tune(sock: SockRef<'_>, opts: &SocketOptions) -> io::Result<()> {
 mod tests {
     use super::*;
     use tokio::net::{TcpListener, TcpStream};
+
+    /// An inherited group grows to the worker count (joining the same
+    /// port by SO_REUSEPORT) and never shrinks: closing a socket of the
+    /// group would drop what is queued on it.
+    #[test]
+    fn an_adopted_group_grows_but_keeps_every_socket() {
+        let opts = SocketOptions {
+            reuse_port: false,
+            backlog: 16,
+            nodelay: true,
+            keepalive: false,
+        };
+        let group = bind_group("127.0.0.1:0".parse().unwrap(), &opts, 2).unwrap();
+        let addr = group[0].local_addr().unwrap();
+        let queued = std::net::TcpStream::connect(addr).unwrap();
+        let grown = adopt_group(group, &opts, 3).unwrap();
+        assert_eq!(grown.len(), 3);
+        assert!(grown.iter().all(|s| s.local_addr().unwrap() == addr));
+        let kept = adopt_group(grown, &opts, 1).unwrap();
+        assert_eq!(kept.len(), 3);
+        // The connection queued before the adoption is still there, on
+        // one of the original sockets.
+        let peer = queued.local_addr().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        'found: loop {
+            for s in &kept {
+                if let Ok((_, p)) = s.accept() {
+                    assert_eq!(p, peer);
+                    break 'found;
+                }
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the queued connection is lost"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let single = bind_group("127.0.0.1:0".parse().unwrap(), &opts, 1).unwrap();
+        assert_eq!(
+            adopt_group(single, &opts, 2).unwrap().len(),
+            1,
+            "no SO_REUSEPORT: kept as it is"
+        );
+    }
 
     /// The accept path relies on accepted sockets inheriting TCP_NODELAY
     /// and the keep-alive settings from the listening socket.

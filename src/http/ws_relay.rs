@@ -24,9 +24,10 @@ use prometheus::IntCounter;
 use crate::drain::Drain;
 use crate::l4::{ByteCounters, PumpEnd, PumpReport};
 
-/// The close code and reason the drain sends (1001: going away).
-pub const GOING_AWAY: u16 = 1001;
-pub const DRAIN_REASON: &str = "balancer draining, reconnect";
+/// The close code and reason the drain sends on shutdown (1001: going
+/// away); an upgrade sends `drain::RESTARTING` instead.
+pub const GOING_AWAY: u16 = crate::drain::GOING_AWAY.code;
+pub const DRAIN_REASON: &str = crate::drain::GOING_AWAY.reason;
 
 const SCRATCH: usize = 16 * 1024;
 
@@ -104,8 +105,13 @@ impl FrameCursor {
 
 /// A Close frame with code 1001: masked (client to server) or not.
 pub fn going_away_frame(masked: bool) -> Vec<u8> {
-    let mut payload = GOING_AWAY.to_be_bytes().to_vec();
-    payload.extend_from_slice(DRAIN_REASON.as_bytes());
+    close_frame(masked, crate::drain::GOING_AWAY)
+}
+
+/// A Close frame with the drain's code and reason.
+pub fn close_frame(masked: bool, why: crate::drain::CloseReason) -> Vec<u8> {
+    let mut payload = why.code.to_be_bytes().to_vec();
+    payload.extend_from_slice(why.reason.as_bytes());
     let mut frame = vec![0x80 | OP_CLOSE, payload.len() as u8];
     if masked {
         frame[1] |= 0x80;
@@ -144,9 +150,18 @@ struct Shared {
     /// A Close frame from an end went through before ours: a close
     /// handshake of the ends' own is under way, nothing is put in.
     ends_closing: AtomicBool,
+    /// The drain's code and reason, set when the close falls due.
+    reason: std::sync::OnceLock<crate::drain::CloseReason>,
 }
 
 impl Shared {
+    fn reason(&self) -> crate::drain::CloseReason {
+        self.reason
+            .get()
+            .copied()
+            .unwrap_or(crate::drain::GOING_AWAY)
+    }
+
     fn close_due(&self) -> bool {
         self.close_due.load(Ordering::Relaxed)
     }
@@ -218,6 +233,7 @@ where
             // their Close in at their next frame boundary.
             () = &mut close_time, if !due => {
                 due = true;
+                let _ = shared.reason.set(drain.close_reason());
                 shared.close_due.store(true, Ordering::Relaxed);
             }
             _ = tick.tick() => {
@@ -283,7 +299,7 @@ where
             }
             if !way.injected && !shared.ends_closing() && way.frames.at_boundary() {
                 way.injected = true;
-                held = going_away_frame(way.masked);
+                held = close_frame(way.masked, shared.reason());
                 continue;
             }
         }
@@ -362,7 +378,7 @@ where
             held.extend_from_slice(&data[sent..]);
         }
         if inject_here {
-            held.extend_from_slice(&going_away_frame(way.masked));
+            held.extend_from_slice(&close_frame(way.masked, shared.reason()));
         }
         Poll::Ready(Ok(true))
     })

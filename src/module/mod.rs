@@ -66,6 +66,35 @@ pub trait Module: Send + Sync + 'static {
         Box::pin(async {})
     }
 
+    /// `drain`, for a drain that tells WebSockets `reason` (an upgrade
+    /// says 1012, "service restart": come back to the same address).
+    /// Modules that close streams of their own use the reason's code;
+    /// the default is `drain`.
+    fn drain_with(
+        &self,
+        spread: std::time::Duration,
+        _reason: crate::drain::CloseReason,
+    ) -> BoxFuture<'_, ()> {
+        self.drain(spread)
+    }
+
+    /// A binary upgrade (`fleetgate upgrade`) is handing the process over:
+    /// release what only one process may hold at a time (an embedded
+    /// database), finishing the work in flight first, and return once it
+    /// is released; the new process opens it next. This process keeps
+    /// serving its established connections until its drain, without what
+    /// it released. `Err` stops the upgrade (the old process stays).
+    /// Default: nothing to release (a shared database is shared by design).
+    fn handover(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    /// The upgrade failed after `handover`: take back what was released
+    /// and serve as before.
+    fn resume(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Called once when the process is stopping, after the drain.
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         Box::pin(async {})

@@ -36,6 +36,10 @@ use crate::workers::Workers;
 mod cert_watch;
 mod restart;
 
+/// Listening sockets handed over by the process being upgraded, by
+/// address (a group of one or more sockets each).
+pub type Inherited = HashMap<SocketAddr, Vec<std::net::TcpListener>>;
+
 use restart::needs_restart;
 
 struct RunningListener {
@@ -45,6 +49,13 @@ struct RunningListener {
     stop: watch::Sender<bool>,
     /// One accept loop per connection worker.
     tasks: Vec<JoinHandle<()>>,
+    /// Duplicates of the listening sockets (the same sockets, the same
+    /// queues): accepting resumes on them after a pause, and an upgrade
+    /// passes them to the new process.
+    sockets: Vec<std::net::TcpListener>,
+    /// Open connections, for `max_connections`; kept across a pause.
+    active: Arc<AtomicUsize>,
+    name: String,
 }
 
 /// Control-plane state: touched by start, reload and shutdown only, never
@@ -78,6 +89,12 @@ pub struct Runtime {
     /// apply a plan made from a configuration that another one replaced.
     reloading: Mutex<()>,
     background: Mutex<Vec<JoinHandle<()>>>,
+    /// Listening sockets handed over by the process this one replaces
+    /// (`fleetgate upgrade`), by address; taken by the first `apply`.
+    inherited: Mutex<Inherited>,
+    /// False while accepting is paused (an upgrade hands the sockets
+    /// over); the admin listener follows it too.
+    accepting: watch::Sender<bool>,
     /// Where listeners accept and connections run; declared last so it is
     /// dropped after everything that may hold its tasks.
     workers: Workers,
@@ -96,6 +113,19 @@ impl Runtime {
         plan: Plan,
         metrics: Arc<Metrics>,
         registry: &Registry,
+    ) -> anyhow::Result<Arc<Runtime>> {
+        Self::start_inherited(plan, metrics, registry, Inherited::new()).await
+    }
+
+    /// Like `start_with_modules`, accepting on `inherited` sockets (from
+    /// the process being upgraded) where their addresses are configured;
+    /// the other addresses are bound fresh, and inherited sockets no
+    /// listener wants are closed.
+    pub async fn start_inherited(
+        plan: Plan,
+        metrics: Arc<Metrics>,
+        registry: &Registry,
+        inherited: Inherited,
     ) -> anyhow::Result<Arc<Runtime>> {
         plan.first_start.create()?;
         let mut modules = HashMap::new();
@@ -150,9 +180,15 @@ impl Runtime {
             applied,
             reloading: Mutex::new(()),
             background: Mutex::new(Vec::new()),
+            inherited: Mutex::new(inherited),
+            accepting: watch::channel(true).0,
             workers,
         });
         rt.apply(plan)?;
+        let unused = std::mem::take(&mut *rt.inherited.lock().unwrap());
+        for addr in unused.keys() {
+            tracing::info!(bind = %addr, "inherited listening socket closed: no listener binds it any more");
+        }
         let tasks = vec![
             tokio::spawn(watch_backends(Arc::downgrade(&rt))),
             tokio::spawn(cert_watch::run(Arc::downgrade(&rt))),
@@ -224,8 +260,14 @@ impl Runtime {
         let mut fresh = HashMap::new();
         for l in &plan.listeners {
             if !applied.listeners.contains_key(&l.bind) {
-                let sock = frontend::bind_group(l.bind, &l.socket, self.workers.len())
-                    .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
+                let inherited = self.inherited.lock().unwrap().remove(&l.bind);
+                let sock = match inherited {
+                    Some(group) => {
+                        frontend::bind::adopt_group(group, &l.socket, self.workers.len())
+                    }
+                    None => frontend::bind_group(l.bind, &l.socket, self.workers.len()),
+                }
+                .with_context(|| format!("listener {:?}: cannot bind {}", l.name, l.bind))?;
                 fresh.insert(l.bind, sock);
             }
         }
@@ -289,32 +331,8 @@ impl Runtime {
             }
             let group = fresh.remove(&l.bind).expect("bound in step 1");
             let shared = Arc::new(ArcSwap::new(shared));
-            let (stop, stop_rx) = watch::channel(false);
             let active = Arc::new(AtomicUsize::new(0));
-            let tasks = group
-                .into_iter()
-                .zip(self.workers.handles())
-                .map(|(sock, worker)| {
-                    let (shared, active, tracker, stop_rx) = (
-                        shared.clone(),
-                        active.clone(),
-                        self.tracker.clone(),
-                        stop_rx.clone(),
-                    );
-                    let name = l.name.clone();
-                    // Registered from inside the worker, so that its
-                    // connections belong to that worker's event loop.
-                    worker.spawn(async move {
-                        match TcpListener::from_std(sock) {
-                            Ok(sock) => {
-                                frontend::accept_loop(sock, shared, active, tracker, stop_rx)
-                                    .await
-                            }
-                            Err(e) => tracing::error!(listener = %name, "cannot register listening socket: {e}"),
-                        }
-                    })
-                })
-                .collect();
+            let (stop, tasks) = self.spawn_accept_loops(&l.name, &group, &shared, &active);
             tracing::info!(listener = %l.name, bind = %l.bind, "listening");
             applied.listeners.insert(
                 l.bind,
@@ -323,6 +341,9 @@ impl Runtime {
                     offload,
                     stop,
                     tasks,
+                    sockets: group,
+                    active,
+                    name: l.name.clone(),
                 },
             );
         }
@@ -445,6 +466,105 @@ impl Runtime {
         }
     }
 
+    /// One accept loop per socket of a listener's group, each on a
+    /// connection worker (round robin when an inherited group is larger
+    /// than the workers), on duplicates of the sockets: the group stays
+    /// open here when the loops end.
+    fn spawn_accept_loops(
+        &self,
+        name: &str,
+        group: &[std::net::TcpListener],
+        shared: &Arc<ArcSwap<ListenerShared>>,
+        active: &Arc<AtomicUsize>,
+    ) -> (watch::Sender<bool>, Vec<JoinHandle<()>>) {
+        let (stop, stop_rx) = watch::channel(false);
+        let tasks = group
+            .iter()
+            .zip(self.workers.handles().iter().cycle())
+            .filter_map(|(sock, worker)| {
+                let sock = sock
+                    .try_clone()
+                    .inspect_err(|e| tracing::error!(listener = %name, "cannot duplicate the listening socket: {e}"))
+                    .ok()?;
+                let (shared, active, tracker, stop_rx) = (
+                    shared.clone(),
+                    active.clone(),
+                    self.tracker.clone(),
+                    stop_rx.clone(),
+                );
+                let name = name.to_string();
+                // Registered from inside the worker, so that its
+                // connections belong to that worker's event loop.
+                Some(worker.spawn(async move {
+                    match TcpListener::from_std(sock) {
+                        Ok(sock) => {
+                            frontend::accept_loop(sock, shared, active, tracker, stop_rx).await
+                        }
+                        Err(e) => {
+                            tracing::error!(listener = %name, "cannot register listening socket: {e}")
+                        }
+                    }
+                }))
+            })
+            .collect();
+        (stop, tasks)
+    }
+
+    /// Every listener's sockets (duplicates), by address: what an
+    /// upgrade passes to the new process.
+    pub fn listening_sockets(&self) -> Vec<(SocketAddr, Vec<std::net::TcpListener>)> {
+        let applied = self.applied.lock().unwrap();
+        applied
+            .listeners
+            .iter()
+            .map(|(addr, l)| {
+                let dups = l.sockets.iter().filter_map(|s| s.try_clone().ok());
+                (*addr, dups.collect())
+            })
+            .collect()
+    }
+
+    /// Stop accepting and return once no accept loop runs any more; the
+    /// sockets stay open, so connections that arrive meanwhile wait in
+    /// their queues. Established connections continue.
+    pub async fn pause_accepting(&self) {
+        self.accepting.send_replace(false);
+        let tasks: Vec<JoinHandle<()>> = {
+            let mut applied = self.applied.lock().unwrap();
+            applied
+                .listeners
+                .values_mut()
+                .flat_map(|l| {
+                    let _ = l.stop.send(true);
+                    std::mem::take(&mut l.tasks)
+                })
+                .collect()
+        };
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    /// Accept again after `pause_accepting` (the upgrade failed).
+    pub fn resume_accepting(&self) {
+        let mut applied = self.applied.lock().unwrap();
+        for l in applied.listeners.values_mut() {
+            if !l.tasks.is_empty() {
+                continue;
+            }
+            let (stop, tasks) = self.spawn_accept_loops(&l.name, &l.sockets, &l.shared, &l.active);
+            l.stop = stop;
+            l.tasks = tasks;
+        }
+        drop(applied);
+        self.accepting.send_replace(true);
+    }
+
+    /// Follows `pause_accepting` and `resume_accepting` (true: accepting).
+    pub fn accepting(&self) -> watch::Receiver<bool> {
+        self.accepting.subscribe()
+    }
+
     /// Stop accepting; established connections continue.
     pub fn stop_listening(&self) {
         let mut applied = self.applied.lock().unwrap();
@@ -528,6 +648,8 @@ pub struct Signals {
     int: tokio::signal::unix::Signal,
     /// Reopen access-log files (after logrotate moved them).
     usr1: tokio::signal::unix::Signal,
+    /// Upgrade the binary (as `fleetgate upgrade`; see `crate::upgrade`).
+    usr2: tokio::signal::unix::Signal,
 }
 
 #[cfg(unix)]
@@ -539,6 +661,7 @@ impl Signals {
             term: signal(SignalKind::terminate())?,
             int: signal(SignalKind::interrupt())?,
             usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
         })
     }
 }
@@ -560,7 +683,9 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         mut term,
         mut int,
         mut usr1,
+        mut usr2,
     } = signals;
+    let mut upgraded = false;
     loop {
         tokio::select! {
             _ = hup.recv() => match reload_announced(&rt) {
@@ -579,14 +704,31 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
                 crate::access_log::reopen_all();
                 tracing::info!("access log files reopened");
             }
+            _ = usr2.recv() => crate::upgrade::requested_by_signal(),
+            () = crate::upgrade::handed_over() => {
+                upgraded = true;
+                break;
+            }
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
     }
-    crate::systemd::stopping();
     let deadline = rt.plan().drain_timeout;
     crate::drain::exit_no_later_than(deadline + crate::drain::EXIT_GRACE);
-    drain(&rt, deadline).await;
+    if upgraded {
+        // The new process is systemd's main process now: this one says
+        // nothing more to systemd, and tells WebSockets 1012. Connections
+        // accepted just before the handover may not have sent their first
+        // request yet (TLS handshake under way), and the drain closes a
+        // connection without a request in flight: they get a moment first
+        // (out of drain_timeout: the exit deadline stays the same).
+        let settle = UPGRADE_SETTLE.min(deadline / 4);
+        tokio::time::sleep(settle).await;
+        drain_with(&rt, deadline - settle, crate::drain::RESTARTING).await;
+    } else {
+        crate::systemd::stopping();
+        drain(&rt, deadline).await;
+    }
     for (name, module) in &rt.modules {
         module.shutdown().await;
         tracing::info!(module = %name, "module stopped");
@@ -595,11 +737,20 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
     Ok(())
 }
 
+/// After an upgrade, how long the old process serves its open connections
+/// as usual before its drain starts (out of `drain_timeout`).
+const UPGRADE_SETTLE: Duration = Duration::from_secs(1);
+
 /// The graceful shutdown: stop accepting, tell every connection (idle
 /// keep-alive connections close, HTTP/2 gets GOAWAY, WebSockets are asked
 /// to reconnect elsewhere, spread over most of the window), then wait
 /// until the last one is done or `deadline` (`drain_timeout`) has passed.
 pub async fn drain(rt: &Runtime, deadline: Duration) {
+    drain_with(rt, deadline, crate::drain::GOING_AWAY).await
+}
+
+/// `drain`, telling WebSockets (proxied ones and modules') `reason`.
+pub async fn drain_with(rt: &Runtime, deadline: Duration, reason: crate::drain::CloseReason) {
     let began = std::time::Instant::now();
     rt.stop_listening();
     let spread = crate::drain::spread_for(deadline);
@@ -607,8 +758,9 @@ pub async fn drain(rt: &Runtime, deadline: Duration) {
         open = rt.tracker.open(),
         "draining: no longer accepting; connections close as they finish, WebSockets are asked to reconnect over {spread:?}; exiting at the latest after {deadline:?}"
     );
-    rt.drain.begin(spread);
-    let modules = futures_util::future::join_all(rt.modules.values().map(|m| m.drain(spread)));
+    rt.drain.begin_with(spread, reason);
+    let modules =
+        futures_util::future::join_all(rt.modules.values().map(|m| m.drain_with(spread, reason)));
     let (idle, modules_done) = tokio::join!(
         rt.tracker.wait_idle(deadline),
         tokio::time::timeout(deadline, modules)

@@ -32,6 +32,16 @@ pub fn needs_restart(old: &Plan, new: &Plan) -> Result<(), String> {
             &format_args!("{} → {}", old.admin_bind, new.admin_bind),
         );
     }
+    if old.control_socket != new.control_socket {
+        return refuse(
+            "[global] control_socket",
+            &format_args!(
+                "{} → {}",
+                old.control_socket.display(),
+                new.control_socket.display()
+            ),
+        );
+    }
     if old.worker_threads != new.worker_threads {
         return refuse(
             "[global] worker_threads",
@@ -86,4 +96,21 @@ fn discovery_change(a: &DiscoveryPlan, b: &DiscoveryPlan) -> Option<(&'static st
     }
     debug_assert!(a.same_receiver(b));
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn the_control_socket_needs_a_restart() {
+        let base = "[[pool]]\nname = \"p\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nmode = \"tcp\"\npool = \"p\"\n";
+        let f = Path::new("/etc/fg/f.toml");
+        let old = crate::config::parse(base, f).unwrap();
+        let moved = format!("[global]\ncontrol_socket = \"/run/fg.sock\"\n{base}");
+        let new = crate::config::parse(&moved, f).unwrap();
+        assert_eq!(super::needs_restart(&old, &old), Ok(()));
+        let e = super::needs_restart(&old, &new).unwrap_err();
+        assert!(e.starts_with("[global] control_socket changed"), "{e}");
+    }
 }

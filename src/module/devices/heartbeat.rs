@@ -46,6 +46,12 @@ impl ContactWriter {
             .map_err(|_| StoreError::Backend("contact writer stopped".into()))?
     }
 
+    /// Until every contact queued before this call is committed (or
+    /// failed): an update of no device goes through the queue in order.
+    pub async fn flush(&self) {
+        let _ = self.record(String::new(), 0).await;
+    }
+
     /// Record a contact without waiting (WebSocket pongs: nothing is
     /// acknowledged to the device, so nothing needs to wait).
     pub fn record_soon(&self, device_id: String, at: i64) {

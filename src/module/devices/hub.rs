@@ -14,7 +14,7 @@
 //! reason wins).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -79,11 +79,33 @@ impl Channel {
     }
 }
 
+/// A binary upgrade's steps, as the channels see them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    Serving = 0,
+    /// Nothing more is delivered; acks of what was sent are stored.
+    Releasing = 1,
+    /// The new process has the store.
+    Released = 2,
+}
+
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<Arc<str>, Arc<Channel>>>,
     /// Set when the drain starts: over how long the closes are spread.
     drain_spread: OnceLock<Duration>,
+    /// What the drain's closes say (1001, or 1012 after an upgrade).
+    drain_reason: OnceLock<crate::drain::CloseReason>,
+    /// Where a binary upgrade is (`Handover`): from `Releasing` on,
+    /// channels here deliver nothing more; once `Released`, one that
+    /// needs the store closes with 1012 so that its device reconnects to
+    /// the new process.
+    handover: AtomicU8,
+    /// Commands sent on this balancer's channels and not acknowledged
+    /// yet: the handover waits for their acks (briefly) so that a device
+    /// does not get one again from the new process.
+    unacked: AtomicUsize,
+    acked: Notify,
     /// Told when the last channel is gone.
     emptied: Notify,
 }
@@ -126,10 +148,63 @@ impl Hub {
     /// Tell every channel the balancer is draining; each closes at its
     /// own random moment within `spread`.
     pub fn drain(&self, spread: Duration) {
+        self.drain_with(spread, crate::drain::GOING_AWAY);
+    }
+
+    /// `drain`, closing with `reason`.
+    pub fn drain_with(&self, spread: Duration, reason: crate::drain::CloseReason) {
+        let _ = self.drain_reason.set(reason);
         let channels = self.lock();
         let _ = self.drain_spread.set(spread);
         for ch in channels.values() {
             ch.drain();
+        }
+    }
+
+    /// The close code and reason set by [`Hub::drain_with`].
+    pub fn drain_reason(&self) -> crate::drain::CloseReason {
+        self.drain_reason
+            .get()
+            .copied()
+            .unwrap_or(crate::drain::GOING_AWAY)
+    }
+
+    pub fn set_handover(&self, state: Handover) {
+        self.handover.store(state as u8, Ordering::SeqCst);
+    }
+
+    /// Whether channels may send commands (not during a handover).
+    pub fn delivering(&self) -> bool {
+        self.handover.load(Ordering::SeqCst) == Handover::Serving as u8
+    }
+
+    /// Whether this process still has the store (acks are stored).
+    pub fn storing(&self) -> bool {
+        self.handover.load(Ordering::SeqCst) != Handover::Released as u8
+    }
+
+    /// A channel's set of unacknowledged commands went from `before` to
+    /// `after` entries.
+    pub fn unacked_changed(&self, before: usize, after: usize) {
+        if after >= before {
+            self.unacked.fetch_add(after - before, Ordering::SeqCst);
+        } else {
+            self.unacked.fetch_sub(before - after, Ordering::SeqCst);
+            self.acked.notify_waiters();
+        }
+    }
+
+    /// Until every command sent here is acknowledged, or `limit`.
+    pub async fn wait_acked(&self, limit: Duration) -> bool {
+        let until = tokio::time::Instant::now() + limit;
+        loop {
+            let acked = self.acked.notified();
+            if self.unacked.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if tokio::time::timeout_at(until, acked).await.is_err() {
+                return false;
+            }
         }
     }
 

@@ -70,10 +70,26 @@ impl Module for DevicesModule {
     }
 
     fn drain(&self, spread: std::time::Duration) -> BoxFuture<'_, ()> {
+        self.drain_with(spread, crate::drain::GOING_AWAY)
+    }
+
+    fn drain_with(
+        &self,
+        spread: std::time::Duration,
+        reason: crate::drain::CloseReason,
+    ) -> BoxFuture<'_, ()> {
         Box::pin(async move {
-            self.devices.hub.drain(spread);
+            self.devices.hub.drain_with(spread, reason);
             self.devices.hub.wait_empty().await;
         })
+    }
+
+    fn handover(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(self.devices.handover())
+    }
+
+    fn resume(&self) -> BoxFuture<'_, anyhow::Result<()>> {
+        Box::pin(self.devices.take_back())
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {

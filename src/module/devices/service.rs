@@ -14,7 +14,7 @@ use super::cache::{Cache, Scope};
 use super::config::{DevicesConfig, StoreConfig};
 use super::files;
 use super::heartbeat::ContactWriter;
-use super::hub::Hub;
+use super::hub::{Handover, Hub};
 use super::model::random_hex;
 use super::store::postgres::PgStore;
 use super::store::sqlite::SqliteStore;
@@ -22,6 +22,9 @@ use super::store::{Store, StoreEvent, StoreResult};
 use crate::tls::revocation::RevocationList;
 
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+/// How long a handover waits for the acks of commands already sent.
+const ACK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Devices {
     pub name: String,
@@ -201,6 +204,33 @@ impl Devices {
         if let Err(e) = self.store.publish(ev).await {
             tracing::warn!(error = %e, "devices: notifying other balancers failed");
         }
+    }
+
+    /// A binary upgrade hands the store to the new process: channels stop
+    /// delivering (one poked or acknowledging from now on closes with
+    /// 1012 and its device reconnects to the new process), the queued
+    /// last-contact times are written, then the store finishes its work
+    /// in flight and closes. Open channels stay until the drain closes
+    /// them with 1012.
+    pub async fn handover(&self) -> anyhow::Result<()> {
+        self.hub.set_handover(Handover::Releasing);
+        // A command sent and not yet acknowledged would be sent again by
+        // the new process: acks usually follow within a round trip.
+        if !self.hub.wait_acked(ACK_WAIT).await {
+            tracing::info!(module = %self.name, "devices: some commands unacknowledged at the handover; the new process sends them again");
+        }
+        self.hub.set_handover(Handover::Released);
+        self.contacts.flush().await;
+        self.store.handover().await?;
+        tracing::info!(module = %self.name, store = self.store.kind(), "devices: store released for the new process");
+        Ok(())
+    }
+
+    /// The upgrade failed: open the store again and deliver as before.
+    pub async fn take_back(&self) -> anyhow::Result<()> {
+        self.store.take_back().await?;
+        self.hub.set_handover(Handover::Serving);
+        Ok(())
     }
 
     pub async fn shutdown(&self) {

@@ -291,12 +291,25 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                             break "closed by the device".to_string()
                         }
                         Some(Err(e)) => break format!("error: {e}"),
+                        // An ack is stored; after the handover the new
+                        // process stores it (the command is sent again
+                        // there, ids are idempotency keys).
+                        Some(Ok(Message::Text(_))) if !devices.hub.storing() => {
+                            closing(&mut conn, max_body, crate::drain::RESTARTING).await;
+                            break "the store was handed over (upgrade)".to_string();
+                        }
                         Some(Ok(m)) => {
                             if let Err(r) = answer_boxed(&devices, &id, ws, &mut sent, m).await {
                                 break r;
                             }
                         }
                     }
+                }
+                // Delivering reads the store, which the new process has:
+                // the device gets its commands there.
+                Event::Hub(ChannelMsg::Poke) if !devices.hub.delivering() => {
+                    closing(&mut conn, max_body, crate::drain::RESTARTING).await;
+                    break "the store was handed over (upgrade)".to_string();
                 }
                 Event::Hub(ChannelMsg::Poke) => {
                     if let Err(r) = deliver_boxed(&devices, &id, &mut conn, &mut sent).await {
@@ -324,7 +337,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                 Event::Timer => {
                     let now = Instant::now();
                     if close_at.is_some_and(|at| now >= at) {
-                        going_away(&mut conn, max_body).await;
+                        closing(&mut conn, max_body, devices.hub.drain_reason()).await;
                         break "going away: the balancer is draining".to_string();
                     }
                     if now >= next_ping {
@@ -349,6 +362,7 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
         },
     };
     devices.hub.unregister(&id, &channel);
+    devices.hub.unacked_changed(sent.len(), 0);
     devices.metrics.channels_open.dec();
     drop(conn);
     if channel
@@ -387,15 +401,15 @@ async fn clear(devices: &Devices, id: &str) {
 /// How long the close handshake may take before the channel hangs up.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
-/// Close with 1001 "going away" (the drain) and wait for the device's
-/// Close in reply; on the heap, as [`deliver_boxed`], for a moment of
-/// the channel's life.
-fn going_away(conn: &mut Conn, max_body: usize) -> BoxFuture<'_, ()> {
+/// Close with the drain's code (1001 "going away", 1012 "service
+/// restart" after an upgrade) and wait for the device's Close in reply;
+/// on the heap, as [`deliver_boxed`], for a moment of the channel's life.
+fn closing(conn: &mut Conn, max_body: usize, why: crate::drain::CloseReason) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let ws = conn.open(max_body);
         let frame = CloseFrame {
-            code: CloseCode::Away,
-            reason: crate::http::ws_relay::DRAIN_REASON.into(),
+            code: CloseCode::from(why.code),
+            reason: why.reason.into(),
         };
         let handshake = async {
             ws.close(Some(frame)).await?;
@@ -418,7 +432,12 @@ fn deliver_boxed<'a>(
     conn: &'a mut Conn,
     sent: &'a mut HashSet<String>,
 ) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(deliver(devices, id, conn, sent))
+    Box::pin(async move {
+        let before = sent.len();
+        let r = deliver(devices, id, conn, sent).await;
+        devices.hub.unacked_changed(before, sent.len());
+        r
+    })
 }
 
 fn answer_boxed<'a>(
@@ -428,7 +447,12 @@ fn answer_boxed<'a>(
     sent: &'a mut HashSet<String>,
     msg: Message,
 ) -> BoxFuture<'a, Result<(), String>> {
-    Box::pin(answer(devices, id, ws, sent, msg))
+    Box::pin(async move {
+        let before = sent.len();
+        let r = answer(devices, id, ws, sent, msg).await;
+        devices.hub.unacked_changed(before, sent.len());
+        r
+    })
 }
 
 /// Answer a text message (an ack: stored, then confirmed) or a binary one

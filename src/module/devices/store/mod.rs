@@ -189,6 +189,18 @@ pub trait Store: Send + Sync + 'static {
     /// Replace all data with the snapshot's, in one transaction.
     fn import(&self, snapshot: Snapshot) -> BoxFuture<'_, StoreResult<()>>;
 
+    // Binary upgrade (`Module::handover`).
+    /// Finish the calls in flight and close the store, so that a new
+    /// process can open it; calls made after that fail. A store shared by
+    /// design (PostgreSQL) has nothing to release.
+    fn handover(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    /// Open the store again after `handover` (the upgrade failed).
+    fn take_back(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     // Between balancers. Besides what callers publish, a shared store
     // sends `StoreEvent::Changed` itself, in the same transaction, from
     // every method that changes effective settings or acknowledges a

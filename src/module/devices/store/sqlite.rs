@@ -57,7 +57,8 @@ struct Checkpointer {
     /// Passive checkpoints run (tests look at it).
     done: Arc<AtomicU64>,
     /// Dropped with the store, which wakes and ends the thread.
-    _stop: std::sync::mpsc::Sender<()>,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 impl Checkpointer {
@@ -66,7 +67,7 @@ impl Checkpointer {
         let done = Arc::new(AtomicU64::new(0));
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let counter = done.clone();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("devices-checkpoint".into())
             .spawn(move || {
                 let mut seen = 0;
@@ -93,14 +94,31 @@ impl Checkpointer {
                 let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
             })
             .map_err(|e| StoreError::Backend(format!("starting the checkpoint thread: {e}")))?;
-        Ok(Checkpointer { done, _stop: stop })
+        Ok(Checkpointer { done, stop, thread })
+    }
+
+    /// End the thread (after its last checkpoint) and wait for it, so
+    /// that its connection is closed on return.
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
     }
 }
 
+/// The store: open, or released to another process (a binary upgrade,
+/// see `Store::handover`).
 #[derive(Clone)]
 pub struct SqliteStore {
-    inner: Arc<Inner>,
+    slot: Arc<Slot>,
 }
+
+struct Slot {
+    path: std::path::PathBuf,
+    inner: std::sync::RwLock<Option<Arc<Inner>>>,
+}
+
+/// What a call gets while the store is released.
+const HANDED_OVER: &str = "the store was handed over to the new process (upgrade)";
 
 fn backend(e: rusqlite::Error) -> StoreError {
     StoreError::Backend(format!("sqlite: {e}"))
@@ -129,6 +147,101 @@ impl SqliteStore {
     /// Open (creating if needed) the database at `path`. Blocking: call
     /// from a blocking context or at start-up.
     pub fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let inner = Inner::open(path)?;
+        Ok(SqliteStore {
+            slot: Arc::new(Slot {
+                path: path.to_path_buf(),
+                inner: std::sync::RwLock::new(Some(Arc::new(inner))),
+            }),
+        })
+    }
+
+    /// The open store, or the error every call gets while it is released.
+    fn inner(&self) -> StoreResult<Arc<Inner>> {
+        self.slot
+            .inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| StoreError::Backend(HANDED_OVER.into()))
+    }
+
+    /// Finish the work in flight, refuse what comes after, and close every
+    /// connection (checkpointer included): on return no connection of this
+    /// process has the file open.
+    pub async fn release(&self) -> StoreResult<()> {
+        let Some(inner) = self
+            .slot
+            .inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        // Every permit: the calls holding one are done.
+        let writes = inner.write_gate.acquire_many(1).await;
+        let reads = inner.read_gate.acquire_many(READERS as u32).await;
+        drop((writes, reads));
+        // Calls still queued for a permit fail (and drop their handle).
+        inner.write_gate.close();
+        inner.read_gate.close();
+        let mut inner = inner;
+        let inner = loop {
+            match Arc::try_unwrap(inner) {
+                Ok(i) => break i,
+                Err(again) => {
+                    inner = again;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let Inner {
+                writer,
+                readers,
+                checkpointer,
+                ..
+            } = inner;
+            drop((writer, readers));
+            checkpointer.stop();
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("sqlite task: {e}")))?;
+        tracing::info!(path = %self.slot.path.display(), "devices: SQLite store released");
+        Ok(())
+    }
+
+    /// Open the file again after `release` (the upgrade failed).
+    pub async fn reopen(&self) -> StoreResult<()> {
+        if self.inner().is_ok() {
+            return Ok(());
+        }
+        let path = self.slot.path.clone();
+        let inner = tokio::task::spawn_blocking(move || Inner::open(&path))
+            .await
+            .map_err(|e| StoreError::Backend(format!("sqlite task: {e}")))??;
+        *self.slot.inner.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(inner));
+        tracing::info!(path = %self.slot.path.display(), "devices: SQLite store reopened");
+        Ok(())
+    }
+
+    /// Passive checkpoints run so far by the background checkpointer.
+    pub fn checkpoints(&self) -> u64 {
+        self.inner()
+            .map_or(0, |i| i.checkpointer.done.load(Ordering::Relaxed))
+    }
+
+    /// The writer connection's `wal_autocheckpoint` (0: never in a commit).
+    pub fn writer_autocheckpoint(&self) -> StoreResult<i64> {
+        let inner = self.inner()?;
+        let conn = inner.writer.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?)
+    }
+}
+
+impl Inner {
+    fn open(path: &Path) -> StoreResult<Inner> {
         let writer = open(path)?;
         writer.execute_batch(&SQL.schema)?;
         let readers = (0..READERS)
@@ -136,36 +249,26 @@ impl SqliteStore {
             .collect::<StoreResult<Vec<_>>>()?;
         let commits = Arc::new(AtomicU64::new(0));
         let checkpointer = Checkpointer::start(path, commits.clone())?;
-        Ok(SqliteStore {
-            inner: Arc::new(Inner {
-                writer: Mutex::new(writer),
-                readers,
-                write_gate: Arc::new(Semaphore::new(1)),
-                read_gate: Arc::new(Semaphore::new(READERS)),
-                commits,
-                checkpointer,
-            }),
+        Ok(Inner {
+            writer: Mutex::new(writer),
+            readers,
+            write_gate: Arc::new(Semaphore::new(1)),
+            read_gate: Arc::new(Semaphore::new(READERS)),
+            commits,
+            checkpointer,
         })
     }
+}
 
-    /// Passive checkpoints run so far by the background checkpointer.
-    pub fn checkpoints(&self) -> u64 {
-        self.inner.checkpointer.done.load(Ordering::Relaxed)
-    }
-
-    /// The writer connection's `wal_autocheckpoint` (0: never in a commit).
-    pub fn writer_autocheckpoint(&self) -> StoreResult<i64> {
-        let conn = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner());
-        Ok(conn.query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))?)
-    }
-
+impl SqliteStore {
     /// Run `f` in one transaction on the writer connection.
     fn write<R: Send + 'static>(
         &self,
         f: impl FnOnce(&Transaction) -> StoreResult<R> + Send + 'static,
     ) -> BoxFuture<'static, StoreResult<R>> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         Box::pin(async move {
+            let inner = inner?;
             let permit = acquire(&inner.write_gate).await?;
             tokio::task::spawn_blocking(move || {
                 // Held until the transaction is over, even if the caller
@@ -192,8 +295,9 @@ impl SqliteStore {
         &self,
         f: impl FnOnce(&Transaction) -> StoreResult<R> + Send + 'static,
     ) -> BoxFuture<'static, StoreResult<R>> {
-        let inner = self.inner.clone();
+        let inner = self.inner();
         Box::pin(async move {
+            let inner = inner?;
             let permit = acquire(&inner.read_gate).await?;
             tokio::task::spawn_blocking(move || {
                 let _permit = permit;
@@ -223,7 +327,7 @@ async fn acquire(gate: &Arc<Semaphore>) -> StoreResult<tokio::sync::OwnedSemapho
     gate.clone()
         .acquire_owned()
         .await
-        .map_err(|_| StoreError::Backend("sqlite store closed".into()))
+        .map_err(|_| StoreError::Backend(HANDED_OVER.into()))
 }
 
 impl Columns for Row<'_> {
@@ -357,6 +461,14 @@ fn changed(n: usize, what: impl FnOnce() -> String) -> StoreResult<()> {
 impl Store for SqliteStore {
     fn kind(&self) -> &'static str {
         "sqlite"
+    }
+
+    fn handover(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.release())
+    }
+
+    fn take_back(&self) -> BoxFuture<'_, StoreResult<()>> {
+        Box::pin(self.reopen())
     }
 
     fn insert_token(&self, token: EnrolToken) -> BoxFuture<'_, StoreResult<()>> {
@@ -731,7 +843,8 @@ mod tests {
             serde_json::json!({"kept": true})
         );
         let mode: String = store
-            .inner
+            .inner()
+            .unwrap()
             .writer
             .lock()
             .unwrap()
