@@ -2,6 +2,7 @@
 
 pub mod duration;
 pub mod error;
+mod file_stamp;
 mod first_start;
 pub mod locate;
 mod logs;
@@ -14,6 +15,7 @@ pub mod validate;
 use std::path::Path;
 
 pub use error::ConfigError;
+pub use file_stamp::FileStamp;
 pub use first_start::FirstStart;
 pub use plan::*;
 pub use tls::auto_cert_paths;
@@ -107,6 +109,12 @@ fn parse_impl(
     })?;
     let kinds: Vec<&str> = modules.kinds().collect();
     let watched = tls::watched(&file, path);
+    // Stamped before validation reads them: a file renewed while it is
+    // read is seen as changed by the watch, never missed.
+    let read_as = watched
+        .iter()
+        .filter_map(|p| Some((p.clone(), FileStamp::of(p)?)))
+        .collect();
     let mut plan = validate::validate(file, path, &kinds, running).map_err(|e| {
         let offset = locate::offset_of(text, &e.path);
         at(text, path, offset, error::path_string(&e.path), e.message)
@@ -114,6 +122,7 @@ fn parse_impl(
     plan.origin = Origin {
         text: text.into(),
         watched,
+        read_as,
     };
     Ok(plan)
 }

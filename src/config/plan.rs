@@ -48,6 +48,10 @@ pub struct Origin {
     /// Certificate, key and CA files of the listeners and pools whose
     /// `tls.watch` is on, each once, sorted.
     pub watched: Vec<PathBuf>,
+    /// Each watched file as it was when this plan read it: the watch
+    /// starts from these, so that a file that changed between the read
+    /// and the watch's first look is still seen.
+    pub read_as: std::collections::BTreeMap<PathBuf, super::FileStamp>,
 }
 
 impl std::fmt::Debug for Origin {

@@ -17,7 +17,7 @@
 //! retried at the next change of a file.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Weak;
 use std::time::Duration;
 
@@ -26,26 +26,7 @@ use super::Runtime;
 /// How often the files are looked at.
 pub const POLL: Duration = Duration::from_secs(1);
 
-/// What a stat says about a file's contents, cheaply; `None` when the
-/// file cannot be read (missing for a moment during a swap).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Stamp {
-    dev: u64,
-    ino: u64,
-    size: u64,
-    mtime_ns: i128,
-}
-
-fn stamp(path: &Path) -> Option<Stamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).ok()?;
-    Some(Stamp {
-        dev: m.dev(),
-        ino: m.ino(),
-        size: m.size(),
-        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-    })
-}
+use crate::config::FileStamp as Stamp;
 
 struct File {
     /// As of the last reload this watch made (or when first seen).
@@ -65,16 +46,21 @@ impl Watch {
     /// changed since the last reload, once none changed during this poll;
     /// they then count as applied, whatever the reload's result, so that a
     /// refused file is retried on its next change, not every second.
-    fn poll(&mut self, paths: &[PathBuf]) -> Option<Vec<PathBuf>> {
-        // A reload may have changed the set: new files start from what
-        // they are now (the reload that named them has just read them).
+    fn poll(
+        &mut self,
+        paths: &[PathBuf],
+        read_as: &BTreeMap<PathBuf, Stamp>,
+    ) -> Option<Vec<PathBuf>> {
+        // A reload may have changed the set: a new file starts from what
+        // it was when the plan read it, so a change made since is seen.
         self.files.retain(|p, _| paths.contains(p));
         let mut moving = false;
         for p in paths {
-            let now = stamp(p);
+            let now = Stamp::of(p);
+            let then = read_as.get(p).copied();
             let f = self.files.entry(p.clone()).or_insert(File {
-                applied: now,
-                seen: now,
+                applied: then,
+                seen: then,
             });
             if f.seen != now {
                 f.seen = now;
@@ -110,7 +96,7 @@ pub async fn run(rt: Weak<Runtime>) {
             return;
         }
         let plan = rt.plan();
-        let Some(changed) = watch.poll(&plan.origin.watched) else {
+        let Some(changed) = watch.poll(&plan.origin.watched, &plan.origin.read_as) else {
             continue;
         };
         drop(plan);
@@ -136,9 +122,18 @@ pub async fn run(rt: Weak<Runtime>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn write(path: &Path, text: &str) {
         std::fs::write(path, text).unwrap();
+    }
+
+    /// The stamps a plan that read `paths` now would carry.
+    fn read(paths: &[PathBuf]) -> BTreeMap<PathBuf, Stamp> {
+        paths
+            .iter()
+            .filter_map(|p| Some((p.clone(), Stamp::of(p)?)))
+            .collect()
     }
 
     #[test]
@@ -148,17 +143,18 @@ mod tests {
         write(&a, "a1");
         write(&b, "b1");
         let paths = vec![a.clone(), b.clone()];
+        let r = read(&paths);
         let mut w = Watch::default();
-        assert_eq!(w.poll(&paths), None, "the first poll is the baseline");
-        assert_eq!(w.poll(&paths), None);
+        assert_eq!(w.poll(&paths, &r), None, "the first poll is the baseline");
+        assert_eq!(w.poll(&paths, &r), None);
 
         write(&a, "a2 longer");
-        assert_eq!(w.poll(&paths), None, "a.pem just changed");
+        assert_eq!(w.poll(&paths, &r), None, "a.pem just changed");
         // The second step of the same writer, before the next poll.
         write(&b, "b2 longer");
-        assert_eq!(w.poll(&paths), None, "b.key just changed");
-        assert_eq!(w.poll(&paths), Some(paths.clone()), "both, at once");
-        assert_eq!(w.poll(&paths), None, "reported once");
+        assert_eq!(w.poll(&paths, &r), None, "b.key just changed");
+        assert_eq!(w.poll(&paths, &r), Some(paths.clone()), "both, at once");
+        assert_eq!(w.poll(&paths, &r), None, "reported once");
     }
 
     #[test]
@@ -170,23 +166,41 @@ mod tests {
         let live = dir.path().join("live.pem");
         std::os::unix::fs::symlink(&v1, &live).unwrap();
         let paths = vec![live.clone()];
+        let r = read(&paths);
         let mut w = Watch::default();
-        assert_eq!(w.poll(&paths), None);
+        assert_eq!(w.poll(&paths, &r), None);
 
         // certbot: the link moves to a new file of the same size.
         let tmp = dir.path().join("live.tmp");
         std::os::unix::fs::symlink(&v2, &tmp).unwrap();
         std::fs::rename(&tmp, &live).unwrap();
-        assert_eq!(w.poll(&paths), None);
-        assert_eq!(w.poll(&paths), Some(paths.clone()));
+        assert_eq!(w.poll(&paths, &r), None);
+        assert_eq!(w.poll(&paths, &r), Some(paths.clone()));
 
         std::fs::remove_file(&v2).unwrap();
-        assert_eq!(w.poll(&paths), None);
-        assert_eq!(w.poll(&paths), Some(paths.clone()), "gone counts too");
+        assert_eq!(w.poll(&paths, &r), None);
+        assert_eq!(w.poll(&paths, &r), Some(paths.clone()), "gone counts too");
 
-        // A path that a reload added starts from what it is now.
+        // A path that a reload added starts from what it was when read.
         let more = vec![live.clone(), v1.clone()];
-        assert_eq!(w.poll(&more), None);
-        assert_eq!(w.poll(&more), None);
+        let r = read(&more);
+        assert_eq!(w.poll(&more, &r), None);
+        assert_eq!(w.poll(&more, &r), None);
+    }
+
+    /// A renewal that lands between the plan's read and the watch's first
+    /// look (at start, or just after a reload) is not taken for the
+    /// baseline.
+    #[test]
+    fn a_change_before_the_first_poll_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.pem");
+        write(&a, "read by the plan");
+        let paths = vec![a.clone()];
+        let r = read(&paths);
+        write(&a, "renewed before the watch looked");
+        let mut w = Watch::default();
+        assert_eq!(w.poll(&paths, &r), None, "just seen changing");
+        assert_eq!(w.poll(&paths, &r), Some(paths.clone()));
     }
 }
