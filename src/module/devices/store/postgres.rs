@@ -379,9 +379,16 @@ impl Store for PgStore {
         now: i64,
         device: Device,
     ) -> BoxFuture<'_, StoreResult<Device>> {
+        // A morning storm enrols thousands of devices on one token, and
+        // spending it locks its row until the commit: every enrolment
+        // waits for the one before it. So the token is only read (no lock)
+        // before the device is written, and spent last, holding the row
+        // for one statement and the commit instead of the whole
+        // transaction. A token used up meanwhile still refuses: the spend
+        // finds no row and the transaction rolls back.
         in_tx!(self, |tx| {
             let row = tx
-                .query_opt(&SQL.spend_token, &[&secret_sha256, &now])
+                .query_opt(&SQL.usable_token, &[&secret_sha256, &now])
                 .await?;
             let Some(row) = row else {
                 return Err(StoreError::TokenRejected);
@@ -391,6 +398,12 @@ impl Store for PgStore {
                 ..device
             };
             insert_device(&tx, &device).await?;
+            let spent = tx
+                .query_opt(&SQL.spend_token, &[&secret_sha256, &now])
+                .await?;
+            if spent.is_none() {
+                return Err(StoreError::TokenRejected);
+            }
             device
         })
     }

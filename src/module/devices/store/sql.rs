@@ -121,6 +121,7 @@ pub struct Statements {
     pub delete_token: String,
     /// 1 secret hash, 2 now; returns the token id.
     pub spend_token: String,
+    pub usable_token: String,
 
     /// 1 id.
     pub device: String,
@@ -211,6 +212,8 @@ impl Statements {
                 "UPDATE dev_tokens SET uses_left = uses_left - 1, used = used + 1 \
                  WHERE secret_sha256 = ?1 AND expires_at > ?2 AND uses_left > 0 RETURNING id",
             ),
+            usable_token: s("SELECT id FROM dev_tokens \
+                 WHERE secret_sha256 = ?1 AND expires_at > ?2 AND uses_left > 0"),
 
             device: s(&format!(
                 "SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE id = ?1"

@@ -82,6 +82,45 @@ pub(crate) async fn run_all(store: &dyn Store) {
     commands(store).await;
     revocation(store).await;
     export_import(store).await;
+    a_token_is_never_overspent(store).await;
+}
+
+/// Enrolments racing for the last uses of one token (a morning storm on
+/// a shared store): exactly as many succeed as the token had uses, the
+/// others are refused, and the refused leave no device behind.
+async fn a_token_is_never_overspent(s: &dyn Store) {
+    s.insert_token(token("storm", "storm-secret", 10_000, 5))
+        .await
+        .unwrap();
+    let tries = (0..24).map(|i| {
+        s.enrol(
+            sha256_hex(b"storm-secret"),
+            5_000,
+            device(&format!("storm-{i}")),
+        )
+    });
+    let results = futures_util::future::join_all(tries).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let refused = results
+        .iter()
+        .filter(|r| matches!(r, Err(StoreError::TokenRejected)))
+        .count();
+    assert_eq!((ok, refused), (5, 19), "{results:?}");
+    let t = s
+        .list_tokens()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|t| t.id == "storm")
+        .unwrap();
+    assert_eq!((t.uses_left, t.used), (0, 5));
+    let mut enrolled = 0;
+    for i in 0..24 {
+        if s.device(format!("storm-{i}")).await.unwrap().is_some() {
+            enrolled += 1;
+        }
+    }
+    assert_eq!(enrolled, 5);
 }
 
 async fn tokens_and_enrolment(s: &dyn Store) {
