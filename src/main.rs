@@ -96,13 +96,16 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => match config::load(&config) {
             Ok(plan) => {
-                println!("ok");
+                // Written, not println!: `fleetgate check | head -1` closes
+                // the pipe early, which is no reason to panic.
+                let mut text = String::from("ok\n");
                 if !plan.first_start.is_empty() {
-                    println!("will create on first start:");
+                    text.push_str("will create on first start:\n");
                     for line in plan.first_start.describe() {
-                        println!("  {line}");
+                        text.push_str(&format!("  {line}\n"));
                     }
                 }
+                let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -970,3 +970,23 @@ fall = 1
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ok\n");
 }
+
+/// `fleetgate check | head -1`, or any reader that goes away early: the
+/// verdict still comes from the exit status, with no panic on the closed
+/// pipe.
+#[test]
+fn a_closed_output_pipe_does_not_make_check_panic() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_fleetgate"))
+        .args(["check", "-c"])
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/fleetgate.toml"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closed before the configuration is read and the verdict written.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
