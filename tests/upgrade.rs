@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::devices::ADMIN_TOKEN;
 use common::pki::{client_config, Ca, Leaf};
 use common::web::{echo_backend, tls_connect, websocket_backend};
 use common::{free_addr, http_get};
@@ -537,37 +538,9 @@ pool = "l4"
 
 // --- the devices module ---------------------------------------------
 
-const ADMIN_TOKEN: &str = "upgrade-test-admin-token-0123456789";
-
 fn devices_config(front: SocketAddr, extra: &str) -> String {
-    format!(
-        r#"[global]
-drain_timeout = "{drain}s"
-data_dir = "data"
-
-[admin]
-bind = "{{admin}}"
-
-[[listener]]
-name = "devices"
-bind = "{front}"
-mode = "offload"
-tls = {{ cert = "server.pem", key = "server.key", client_auth = "optional", client_ca = "data/devices/device-ca.pem" }}
-
-  [[listener.route]]
-  name = "api"
-  path_prefix = "/api/v1/"
-  module = "devices"
-
-[module.devices]
-kind = "devices"
-admin_token = "{ADMIN_TOKEN}"
-heartbeat_interval = "60s"
-heartbeat_jitter = "30s"
-{extra}
-"#,
-        drain = DRAIN.as_secs()
-    )
+    let drain = format!("drain_timeout = \"{}s\"", DRAIN.as_secs());
+    common::devices::config(&drain, "{admin}", front, extra)
 }
 
 /// A device fleet's view of the balancer: the admin API, enrolment and

@@ -37,23 +37,16 @@ impl Drop for DevicesLb {
     }
 }
 
-impl DevicesLb {
-    /// Start in `dir` (created by the caller: tests that share a CA or a
-    /// data directory pass the same one). `module_extra` is appended to
-    /// the `[module.devices]` table.
-    pub async fn start(dir: &Path, module_extra: &str) -> DevicesLb {
-        let server_ca = Ca::new(dir, "server");
-        server_ca.server(dir, "server", &["localhost"]);
-        // The listener's client_ca is read when the config loads, before
-        // the module creates its CA: create it first, as the module would.
-        let data = dir.join("data/devices");
-        std::fs::create_dir_all(&data).unwrap();
-        DeviceCa::load_or_create(&data, "devices").unwrap();
-        let front = free_addr();
-        let admin = free_addr();
-        let config = format!(
-            r#"[global]
+/// A balancer whose offload listener on `front` routes `/api/v1/` to the
+/// devices module (server certificate `server.pem`, device CA in
+/// `data/devices`). `global` goes into `[global]`, `module_extra` into
+/// `[module.devices]`; `admin` is the admin address (or `{admin}` for
+/// `Balancer::start`).
+pub fn config(global: &str, admin: &str, front: SocketAddr, module_extra: &str) -> String {
+    format!(
+        r#"[global]
 data_dir = "data"
+{global}
 
 [admin]
 bind = "{admin}"
@@ -74,10 +67,31 @@ kind = "devices"
 admin_token = "{ADMIN_TOKEN}"
 heartbeat_interval = "60s"
 heartbeat_jitter = "30s"
-node = "{node}"
 {module_extra}
-"#,
-            node = dir.file_name().unwrap().to_string_lossy(),
+"#
+    )
+}
+
+impl DevicesLb {
+    /// Start in `dir` (created by the caller: tests that share a CA or a
+    /// data directory pass the same one). `module_extra` is appended to
+    /// the `[module.devices]` table.
+    pub async fn start(dir: &Path, module_extra: &str) -> DevicesLb {
+        let server_ca = Ca::new(dir, "server");
+        server_ca.server(dir, "server", &["localhost"]);
+        // The listener's client_ca is read when the config loads, before
+        // the module creates its CA: create it first, as the module would.
+        let data = dir.join("data/devices");
+        std::fs::create_dir_all(&data).unwrap();
+        DeviceCa::load_or_create(&data, "devices").unwrap();
+        let front = free_addr();
+        let admin = free_addr();
+        let node = dir.file_name().unwrap().to_string_lossy();
+        let config = config(
+            "",
+            &admin.to_string(),
+            front,
+            &format!("node = \"{node}\"\n{module_extra}"),
         );
         let path = dir.join("fleetgate.toml");
         std::fs::write(&path, config).unwrap();
