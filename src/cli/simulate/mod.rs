@@ -591,6 +591,8 @@ struct ChannelStats {
 
 struct WorkerResult {
     latency: hdrhistogram::Histogram<u64>,
+    first_latency: hdrhistogram::Histogram<u64>,
+    later_latency: hdrhistogram::Histogram<u64>,
     lag: hdrhistogram::Histogram<u64>,
     sent: u64,
     ok: u64,
@@ -610,6 +612,8 @@ async fn worker(
     let end = start + plan.duration;
     let mut r = WorkerResult {
         latency: histogram(),
+        first_latency: histogram(),
+        later_latency: histogram(),
         lag: histogram(),
         sent: 0,
         ok: 0,
@@ -620,6 +624,8 @@ async fn worker(
         channels: ChannelStats::default(),
     };
     let mut slots: Vec<(Arc<Identity>, Option<DeviceConn>, bool)> = Vec::new();
+    // Whether each device has had a heartbeat answered in this phase.
+    let mut answered = Vec::new();
     let mut inflight: FuturesUnordered<EventFuture> = FuturesUnordered::new();
     let mut due: BinaryHeap<Reverse<(Instant, usize)>> = BinaryHeap::new();
     let period = plan.interval + plan.jitter / 2;
@@ -635,6 +641,7 @@ async fn worker(
             due.push(Reverse((start + period.mul_f64(fastrand::f64()), i)));
         }
         slots.push((d.identity, d.conn, has_ws));
+        answered.push(false);
     }
     let mut hb_inflight = 0usize;
     let mut channels_open = inflight.len() as u64;
@@ -657,6 +664,8 @@ async fn worker(
                         Ok(()) => {
                             r.ok += 1;
                             record(&mut r.latency, out.latency);
+                            let warm = std::mem::replace(&mut answered[i], true);
+                            record(if warm { &mut r.later_latency } else { &mut r.first_latency }, out.latency);
                         }
                         Err(e) => count(&mut r.errors, e.kind()),
                     }
@@ -730,6 +739,7 @@ async fn steady(
         .map(|b| tokio::spawn(worker(target.clone(), b, plan, start)))
         .collect();
     let (mut latency, mut lag) = (histogram(), histogram());
+    let (mut first, mut later) = (histogram(), histogram());
     let mut hb = HeartbeatReport {
         interval_ms: plan.interval.as_millis() as u64,
         jitter_ms: plan.jitter.as_millis() as u64,
@@ -743,6 +753,8 @@ async fn steady(
     for t in tasks {
         let Ok(w) = t.await else { continue };
         let _ = latency.add(&w.latency);
+        let _ = first.add(&w.first_latency);
+        let _ = later.add(&w.later_latency);
         let _ = lag.add(&w.lag);
         hb.sent += w.sent;
         hb.ok += w.ok;
@@ -760,6 +772,8 @@ async fn steady(
     hb.seconds = plan.duration.as_secs_f64();
     hb.per_second = hb.ok as f64 / hb.seconds.max(1e-9);
     hb.latency = Latency::of(&latency);
+    hb.first_latency = Latency::of(&first);
+    hb.later_latency = Latency::of(&later);
     hb.schedule_lag = Latency::of(&lag);
     (hb, any_ws.then_some(ch))
 }

@@ -108,6 +108,12 @@ pub struct HeartbeatReport {
     pub per_second: f64,
     /// Request to answer (an answer means committed).
     pub latency: Latency,
+    /// The same, for each device's first heartbeat of the phase only: the
+    /// balancer has not seen the device since the storm (cold caches), so
+    /// this is what a balancer restart or a failover costs.
+    pub first_latency: Latency,
+    /// The same, for every heartbeat after a device's first (warm).
+    pub later_latency: Latency,
     /// How late heartbeats left against their schedule (simulator saturation).
     pub schedule_lag: Latency,
     pub reconnects: u64,
@@ -210,6 +216,8 @@ impl Report {
             );
             let _ = writeln!(o, "{head}");
             latency_row(&mut o, "heartbeat", &h.latency);
+            latency_row(&mut o, "first per device", &h.first_latency);
+            latency_row(&mut o, "later", &h.later_latency);
             latency_row(&mut o, "schedule lag", &h.schedule_lag);
             errors_line(&mut o, &h.errors);
         }
