@@ -12,8 +12,11 @@
 //!   the store (`StoreEvent::Changed`, `CommandQueued`, `DeviceRevoked`,
 //!   `Resync`), which drop their copies when the notification arrives;
 //! - a fill races with invalidation through a generation number: an answer
-//!   read from the store is only kept if nothing was invalidated since the
-//!   read began, so a slow read can never put back what a change removed;
+//!   read from the store is only kept if nothing that covers it (its
+//!   device, every device, or the certificate map) was invalidated since
+//!   the read began, so a slow read can never put back what a change
+//!   removed, and a read of the whole fleet (`Devices::warm`) is not
+//!   thrown away because one device acknowledged a command meanwhile;
 //! - `ttl` bounds what a lost notification can cost (a balancer that died
 //!   between its commit and its NOTIFY): no entry is used once it is older.
 //!   A lost LISTEN connection already ends in a `Resync`, which clears all.
@@ -66,11 +69,19 @@ impl<T: Clone> Entry<T> {
 struct PerDevice {
     settings: Option<Entry<Arc<Effective>>>,
     pending: Option<Entry<i64>>,
+    /// The generation of the device's last invalidation: fills whose
+    /// read began before it are stale.
+    invalidated_at: u64,
 }
 
 #[derive(Default)]
 struct Maps {
+    /// Counts invalidations; a ticket is its value when a read began.
     generation: u64,
+    /// The generation of the last invalidation of every device.
+    all_at: u64,
+    /// The generation of the last removal from the certificate map.
+    fingerprints_at: u64,
     /// Certificate fingerprint → device id.
     devices: HashMap<Box<str>, Entry<Arc<str>>>,
     per_device: HashMap<Arc<str>, PerDevice>,
@@ -135,8 +146,10 @@ impl Cache {
     }
 
     pub fn put_device_id(&self, t: Ticket, fingerprint: &str, id: Arc<str>) {
-        if let Some(mut m) = self.filling(t) {
-            m.devices.insert(fingerprint.into(), Entry::new(id));
+        if let Some(mut m) = self.filling() {
+            if t.0 >= m.fingerprints_at {
+                m.devices.insert(fingerprint.into(), Entry::new(id));
+            }
         }
     }
 
@@ -152,7 +165,7 @@ impl Cache {
     /// Keep `e` for device `id`; returns the copy kept (shared with every
     /// device whose settings have the same version), or `e` itself.
     pub fn put_settings(&self, t: Ticket, id: &str, e: Arc<Effective>) -> Arc<Effective> {
-        let Some(mut m) = self.filling(t) else {
+        let Some(mut m) = self.filling_device(t, id) else {
             return e;
         };
         let e = m.intern(e);
@@ -170,7 +183,7 @@ impl Cache {
     }
 
     pub fn put_pending(&self, t: Ticket, id: &str, n: i64) {
-        if let Some(mut m) = self.filling(t) {
+        if let Some(mut m) = self.filling_device(t, id) {
             m.device(id).pending = Some(Entry::new(n));
         }
     }
@@ -187,13 +200,19 @@ impl Cache {
     pub fn invalidate(&self, scope: &Scope) {
         let mut m = self.lock();
         m.generation += 1;
+        let now = m.generation;
         match scope {
             Scope::Device(id) => {
-                m.per_device.remove(id.as_str());
+                // The entry stays (emptied) to hold the generation.
+                *m.device(id) = PerDevice {
+                    invalidated_at: now,
+                    ..PerDevice::default()
+                };
             }
             Scope::AllDevices => {
                 m.per_device = HashMap::new();
                 m.documents = HashMap::new();
+                m.all_at = now;
             }
         }
     }
@@ -207,6 +226,7 @@ impl Cache {
         m.per_device = HashMap::new();
         m.documents = HashMap::new();
         m.devices = HashMap::new();
+        (m.all_at, m.fingerprints_at) = (m.generation, m.generation);
     }
 
     /// The certificate is no longer valid (revoked).
@@ -214,15 +234,19 @@ impl Cache {
         let mut m = self.lock();
         m.generation += 1;
         m.devices.remove(fingerprint);
+        m.fingerprints_at = m.generation;
     }
 
-    /// The maps, if a fill with ticket `t` may still be kept.
-    fn filling(&self, t: Ticket) -> Option<MutexGuard<'_, Maps>> {
-        if self.ttl.is_zero() {
-            return None;
-        }
-        let m = self.lock();
-        (m.generation == t.0).then_some(m)
+    /// The maps, if caching is on.
+    fn filling(&self) -> Option<MutexGuard<'_, Maps>> {
+        (!self.ttl.is_zero()).then(|| self.lock())
+    }
+
+    /// The maps, if a fill of device `id` with ticket `t` may be kept.
+    fn filling_device(&self, t: Ticket, id: &str) -> Option<MutexGuard<'_, Maps>> {
+        let m = self.filling()?;
+        let at = m.per_device.get(id).map_or(0, |d| d.invalidated_at);
+        (t.0 >= m.all_at && t.0 >= at).then_some(m)
     }
 
     fn lock(&self) -> MutexGuard<'_, Maps> {
@@ -274,6 +298,30 @@ mod tests {
         c.put_device_id(t, "fp2", "d2".into());
         c.clear();
         assert!(c.device_id("fp2").is_none());
+    }
+
+    #[test]
+    fn a_fill_is_dropped_only_by_what_covers_it() {
+        let c = Cache::new(Duration::from_secs(60));
+        // A read of the whole fleet begins; meanwhile one device changes.
+        let t = c.ticket();
+        c.invalidate(&Scope::Device("d1".into()));
+        for (i, id) in ["d1", "d2", "d3"].iter().enumerate() {
+            c.put_device_id(t, &format!("fp{i}"), (*id).into());
+            c.put_settings(t, id, effective("v"));
+            c.put_pending(t, id, 0);
+        }
+        // Only the changed device's answers are refused.
+        assert!(c.settings("d1").is_none() && c.pending("d1").is_none());
+        assert!(c.settings("d2").is_some() && c.pending("d3") == Some(0));
+        assert_eq!(c.device_id("fp0").as_deref(), Some("d1"));
+        // A revocation during the read refuses every certificate of it.
+        let t = c.ticket();
+        c.forget_fingerprint("fp9");
+        c.put_device_id(t, "fp5", "d5".into());
+        assert!(c.device_id("fp5").is_none());
+        c.put_settings(t, "d5", effective("v"));
+        assert!(c.settings("d5").is_some());
     }
 
     #[test]

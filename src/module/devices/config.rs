@@ -43,6 +43,12 @@ pub struct DevicesConfig {
     /// staleness a lost notification could cause. 0 disables the cache.
     #[serde(default = "default_cache_ttl", with = "humantime_serde_compat")]
     pub cache_ttl: Duration,
+    /// Read every device's heartbeat answers into memory at start, after a
+    /// resync and at half `cache_ttl` (see warm.rs), so that no heartbeat
+    /// waits on the store for them, even on a balancer that just took over
+    /// a lost one's devices.
+    #[serde(default = "default_true")]
+    pub cache_warm: bool,
     /// A device counts as online if it was heard from within
     /// interval + jitter + this.
     #[serde(default = "default_grace", with = "humantime_serde_compat")]
@@ -126,6 +132,9 @@ fn default_interval() -> Duration {
 }
 fn default_jitter() -> Duration {
     Duration::from_secs(600)
+}
+fn default_true() -> bool {
+    true
 }
 fn default_cache_ttl() -> Duration {
     Duration::from_secs(600)

@@ -130,10 +130,17 @@ impl Devices {
             revoked_at: None,
             channel_node: None,
         };
+        let ticket = self.cache.ticket();
         let device = self
             .store
             .enrol(hash_secret(token), now_ms(), device)
             .await?;
+        // Its first heartbeat follows within moments: what is known now
+        // (a new device has no commands yet; one queued since was
+        // invalidated after this ticket) saves reading it back.
+        self.cache
+            .put_device_id(ticket, &device.fingerprint, device.id.as_str().into());
+        self.cache.put_pending(ticket, &device.id, 0);
         tracing::info!(device = %device.id, token = ?device.token_id, "devices: enrolled");
         Ok(Enrolled {
             device_id: device.id,

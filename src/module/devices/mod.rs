@@ -35,6 +35,7 @@ pub mod service;
 pub mod settings;
 mod status;
 pub mod store;
+mod warm;
 pub mod ws;
 
 use std::sync::Arc;

@@ -187,6 +187,74 @@ pub struct SettingsInputs {
     pub user: Option<(String, Option<Value>)>,
 }
 
+/// What a heartbeat's answer is computed from, for one device: read for
+/// every device at once to warm a balancer's memory (see cache.rs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HotDevice {
+    pub id: String,
+    pub fingerprint: String,
+    pub settings: Value,
+    pub groups: Vec<String>,
+    pub session_user: Option<String>,
+    /// Commands waiting for the device's acknowledgement.
+    pub pending: i64,
+}
+
+/// The answers' inputs for the whole fleet, read in one snapshot.
+#[derive(Debug, Clone, Default)]
+pub struct HotState {
+    pub defaults: Value,
+    /// Lowest priority first (ties by name), as `SettingsInputs::groups`.
+    pub groups: Vec<Group>,
+    pub users: Vec<UserProfile>,
+    /// Every device not revoked.
+    pub devices: Vec<HotDevice>,
+}
+
+impl HotState {
+    /// One device's settings inputs, as `Store::settings_inputs` reads them.
+    pub fn inputs(&self, d: &HotDevice) -> SettingsInputs {
+        SettingsInputs {
+            defaults: self.defaults.clone(),
+            groups: self
+                .groups
+                .iter()
+                .filter(|g| d.groups.contains(&g.name))
+                .cloned()
+                .collect(),
+            device: d.settings.clone(),
+            user: d.session_user.as_ref().map(|u| {
+                let profile = self.users.iter().find(|p| &p.name == u);
+                (u.clone(), profile.map(|p| p.settings.clone()))
+            }),
+        }
+    }
+
+    /// Fill in the devices' groups and pending counts from bulk rows.
+    pub fn attach(
+        &mut self,
+        members: impl IntoIterator<Item = (String, String)>,
+        pending: impl IntoIterator<Item = (String, i64)>,
+    ) {
+        let index: std::collections::HashMap<String, usize> = self
+            .devices
+            .iter()
+            .enumerate()
+            .map(|(i, d)| (d.id.clone(), i))
+            .collect();
+        for (device, group) in members {
+            if let Some(&i) = index.get(&device) {
+                self.devices[i].groups.push(group);
+            }
+        }
+        for (device, n) in pending {
+            if let Some(&i) = index.get(&device) {
+                self.devices[i].pending = n;
+            }
+        }
+    }
+}
+
 /// The changes an administrator can make to a device in one call.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]

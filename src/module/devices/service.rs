@@ -48,6 +48,8 @@ pub struct Devices {
     /// This balancer's name in `channel_node`.
     pub node: String,
     events_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Keeps the heartbeat answers warm (warm.rs).
+    warm_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Devices {
@@ -97,6 +99,7 @@ impl Devices {
             revoked: RwLock::new(HashSet::new()),
             node,
             events_task: std::sync::Mutex::new(None),
+            warm_task: std::sync::Mutex::new(None),
             config,
         });
         devices.reload_revocations().await?;
@@ -113,7 +116,14 @@ impl Devices {
                         Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     };
                     let Some(d) = weak.upgrade() else { return };
+                    let resync = ev == StoreEvent::Resync;
                     d.on_event(ev).await;
+                    if resync && d.config.cache_warm {
+                        // Everything was dropped: read it back at once
+                        // rather than one device at a time.
+                        let weak = weak.clone();
+                        tokio::spawn(async move { super::warm::warm_once(&weak).await });
+                    }
                 }
             });
             *devices
@@ -121,6 +131,7 @@ impl Devices {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(task);
         }
+        *devices.warm_task.lock().unwrap_or_else(|p| p.into_inner()) = super::warm::spawn(&devices);
         tracing::info!(module = name, store = devices.store.kind(), node = %devices.node, "devices: ready");
         Ok(devices)
     }
@@ -237,6 +248,14 @@ impl Devices {
         self.hub.close_all("server shutting down");
         if let Some(t) = self
             .events_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+        if let Some(t) = self
+            .warm_task
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()

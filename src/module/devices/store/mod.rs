@@ -7,6 +7,7 @@
 //! and a change that returned `Ok` has been committed (durably: SQLite runs
 //! with `synchronous = FULL`, PostgreSQL commits synchronously).
 
+pub mod pg_pool;
 pub mod postgres;
 mod sql;
 pub mod sqlite;
@@ -164,6 +165,12 @@ pub trait Store: Send + Sync + 'static {
     /// Everything the device's effective settings depend on, read in one
     /// transaction so that the version matches the settings.
     fn settings_inputs(&self, device_id: String) -> BoxFuture<'_, StoreResult<SettingsInputs>>;
+
+    /// The same inputs, and the pending counts, for every device not
+    /// revoked, in one snapshot: a balancer warms its memory with it at
+    /// start and refreshes it before its entries expire, so that no
+    /// heartbeat waits on the store for them (see cache.rs).
+    fn hot_state(&self) -> BoxFuture<'_, StoreResult<HotState>>;
 
     // Commands.
     /// Queue a command for a device that exists and is not revoked.

@@ -14,9 +14,11 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use tokio::sync::{broadcast, Mutex, MutexGuard};
+use tokio::sync::broadcast;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{AsyncMessage, Client, Config, NoTls, Row, Transaction};
+use tokio_postgres::{AsyncMessage, Config, NoTls, Row};
+
+use super::pg_pool::{self, Conn, Pool, Tx};
 
 use super::sql::{self, Arg, Columns, Dialect, Statements};
 use super::{check_snapshot, parse_json, Store, StoreError, StoreEvent, StoreResult};
@@ -32,8 +34,7 @@ static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Dialect::Pos
 type Param<'a> = &'a (dyn ToSql + Sync);
 
 pub struct PgStore {
-    config: Config,
-    pool: Vec<Mutex<Option<Client>>>,
+    pool: Pool,
     events: broadcast::Sender<StoreEvent>,
     listener: tokio::task::JoinHandle<()>,
 }
@@ -58,32 +59,6 @@ fn is_unique_violation(e: &tokio_postgres::Error) -> bool {
     e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
 }
 
-async fn connect(config: &Config) -> StoreResult<Client> {
-    let (client, conn) = config.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::warn!(error = %e, "devices store: postgres connection closed");
-        }
-    });
-    Ok(client)
-}
-
-/// A pooled connection, reconnected if it had died.
-struct Conn<'a>(MutexGuard<'a, Option<Client>>);
-
-impl std::ops::Deref for Conn<'_> {
-    type Target = Client;
-    fn deref(&self) -> &Client {
-        self.0.as_ref().expect("connected")
-    }
-}
-
-impl std::ops::DerefMut for Conn<'_> {
-    fn deref_mut(&mut self) -> &mut Client {
-        self.0.as_mut().expect("connected")
-    }
-}
-
 impl PgStore {
     /// Connect, create the tables if needed, and start listening for other
     /// balancers' events.
@@ -95,7 +70,7 @@ impl PgStore {
             config.connect_timeout(Duration::from_secs(10));
         }
         config.application_name("fleetgate-devices");
-        let mut first = connect(&config).await?;
+        let mut first = pg_pool::connect(&config).await?;
         {
             // Balancers starting together would race on CREATE ... IF NOT
             // EXISTS (it is not atomic in the catalog); serialize them.
@@ -105,27 +80,17 @@ impl PgStore {
             tx.batch_execute(&SQL.schema).await?;
             tx.commit().await?;
         }
-        let mut pool = vec![Mutex::new(Some(first))];
-        pool.extend((1..POOL).map(|_| Mutex::new(None)));
         let (events, _) = broadcast::channel(1024);
         let listener = tokio::spawn(listen(config.clone(), events.clone()));
         Ok(PgStore {
-            config,
-            pool,
+            pool: Pool::new(config, POOL, first),
             events,
             listener,
         })
     }
 
     async fn conn(&self) -> StoreResult<Conn<'_>> {
-        let mut guard = match self.pool.iter().find_map(|m| m.try_lock().ok()) {
-            Some(g) => g,
-            None => self.pool[fastrand::usize(..self.pool.len())].lock().await,
-        };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(connect(&self.config).await?);
-        }
-        Ok(Conn(guard))
+        self.pool.get().await
     }
 }
 
@@ -221,7 +186,7 @@ fn params<'a>(args: &'a [Arg<'a>]) -> Vec<Param<'a>> {
 
 /// Every row of a statement, read with `read`.
 async fn rows<T>(
-    tx: &Transaction<'_>,
+    tx: &Tx<'_>,
     sql: &str,
     p: &[Param<'_>],
     read: fn(&dyn Columns) -> StoreResult<T>,
@@ -231,7 +196,7 @@ async fn rows<T>(
 }
 
 /// Devices with their groups (one query for the groups of all of them).
-async fn devices(tx: &Transaction<'_>, sql: &str, p: &[Param<'_>]) -> StoreResult<Vec<Device>> {
+async fn devices(tx: &Tx<'_>, sql: &str, p: &[Param<'_>]) -> StoreResult<Vec<Device>> {
     let mut devices = rows(tx, sql, p, sql::device).await?;
     if devices.is_empty() {
         return Ok(devices);
@@ -256,11 +221,11 @@ async fn devices(tx: &Transaction<'_>, sql: &str, p: &[Param<'_>]) -> StoreResul
     Ok(devices)
 }
 
-async fn load_device(tx: &Transaction<'_>, id: &str) -> StoreResult<Option<Device>> {
+async fn load_device(tx: &Tx<'_>, id: &str) -> StoreResult<Option<Device>> {
     Ok(devices(tx, &SQL.device, &[&id]).await?.pop())
 }
 
-async fn set_members(tx: &Transaction<'_>, device_id: &str, groups: &[String]) -> StoreResult<()> {
+async fn set_members(tx: &Tx<'_>, device_id: &str, groups: &[String]) -> StoreResult<()> {
     let known = tx
         .query(
             "SELECT name FROM dev_groups WHERE name = ANY($1)",
@@ -283,10 +248,10 @@ async fn set_members(tx: &Transaction<'_>, device_id: &str, groups: &[String]) -
     Ok(())
 }
 
-async fn insert_device(tx: &Transaction<'_>, d: &Device) -> StoreResult<()> {
+async fn insert_device(tx: &Tx<'_>, d: &Device) -> StoreResult<()> {
     let args = sql::device_args(d);
-    tx.execute(&SQL.insert_device, &params(&args))
-        .await
+    tx.execute_raw(&SQL.insert_device, &params(&args))
+        .await?
         .map_err(|e| match is_unique_violation(&e) {
             true => StoreError::Conflict(format!(
                 "device {} or its certificate is already enrolled",
@@ -297,26 +262,26 @@ async fn insert_device(tx: &Transaction<'_>, d: &Device) -> StoreResult<()> {
     set_members(tx, &d.id, &d.groups).await
 }
 
-async fn insert_token(tx: &Transaction<'_>, t: &EnrolToken) -> StoreResult<()> {
+async fn insert_token(tx: &Tx<'_>, t: &EnrolToken) -> StoreResult<()> {
     let args = sql::token_args(t);
     tx.execute(&SQL.insert_token, &params(&args)).await?;
     Ok(())
 }
 
-async fn read_defaults(tx: &Transaction<'_>) -> StoreResult<Value> {
+async fn read_defaults(tx: &Tx<'_>) -> StoreResult<Value> {
     let row = tx.query_opt(&SQL.defaults, &[]).await?;
     sql::defaults(row.map(|r| r.try_get(0)).transpose()?)
 }
 
-async fn read_groups(tx: &Transaction<'_>) -> StoreResult<Vec<Group>> {
+async fn read_groups(tx: &Tx<'_>) -> StoreResult<Vec<Group>> {
     rows(tx, &SQL.groups, &[], sql::group).await
 }
 
-async fn read_users(tx: &Transaction<'_>) -> StoreResult<Vec<UserProfile>> {
+async fn read_users(tx: &Tx<'_>) -> StoreResult<Vec<UserProfile>> {
     rows(tx, &SQL.users, &[], sql::user).await
 }
 
-async fn read_tokens(tx: &Transaction<'_>) -> StoreResult<Vec<EnrolToken>> {
+async fn read_tokens(tx: &Tx<'_>) -> StoreResult<Vec<EnrolToken>> {
     rows(tx, &SQL.tokens, &[], sql::token).await
 }
 
@@ -324,7 +289,7 @@ async fn read_tokens(tx: &Transaction<'_>) -> StoreResult<Vec<EnrolToken>> {
 /// delivers the notification if and only if the change commits, so a
 /// balancer dying between its commit and a separate NOTIFY cannot leave the
 /// others' caches stale (see cache.rs).
-async fn notify_changed(tx: &Transaction<'_>, device_id: Option<&str>) -> StoreResult<()> {
+async fn notify_changed(tx: &Tx<'_>, device_id: Option<&str>) -> StoreResult<()> {
     let ev = StoreEvent::Changed {
         device_id: device_id.map(str::to_string),
     };
@@ -335,6 +300,19 @@ async fn notify_changed(tx: &Transaction<'_>, device_id: Option<&str>) -> StoreR
 
 fn not_found<T>(what: String) -> StoreResult<T> {
     Err(StoreError::NotFound(what))
+}
+
+/// Run read-only statements on a pooled connection without a transaction:
+/// at READ COMMITTED a transaction gives each statement its own snapshot
+/// anyway, so BEGIN and COMMIT around reads only cost two round trips.
+macro_rules! read {
+    ($self:ident, |$tx:ident| $body:expr) => {
+        Box::pin(async move {
+            let mut conn = $self.conn().await?;
+            let $tx = conn.direct();
+            Ok($body)
+        })
+    };
 }
 
 /// Run the block in one transaction on a pooled connection; commit if it
@@ -361,7 +339,7 @@ impl Store for PgStore {
     }
 
     fn list_tokens(&self) -> BoxFuture<'_, StoreResult<Vec<EnrolToken>>> {
-        in_tx!(self, |tx| read_tokens(&tx).await?)
+        read!(self, |tx| read_tokens(&tx).await?)
     }
 
     fn delete_token(&self, id: String) -> BoxFuture<'_, StoreResult<()>> {
@@ -409,14 +387,14 @@ impl Store for PgStore {
     }
 
     fn device(&self, id: String) -> BoxFuture<'_, StoreResult<Option<Device>>> {
-        in_tx!(self, |tx| load_device(&tx, &id).await?)
+        read!(self, |tx| load_device(&tx, &id).await?)
     }
 
     fn device_by_fingerprint(
         &self,
         fingerprint: String,
     ) -> BoxFuture<'_, StoreResult<Option<Device>>> {
-        in_tx!(self, |tx| devices(
+        read!(self, |tx| devices(
             &tx,
             &SQL.device_by_fingerprint,
             &[&fingerprint]
@@ -426,7 +404,7 @@ impl Store for PgStore {
     }
 
     fn list_devices(&self, q: DeviceQuery) -> BoxFuture<'_, StoreResult<(Vec<Device>, i64)>> {
-        in_tx!(self, |tx| {
+        read!(self, |tx| {
             let list = sql::list_devices(Dialect::Postgres, &q);
             let mut args = params(&list.args);
             let total: i64 = tx.query_one(&list.count, &args).await?.try_get(0)?;
@@ -471,7 +449,7 @@ impl Store for PgStore {
     }
 
     fn revoked_fingerprints(&self) -> BoxFuture<'_, StoreResult<Vec<String>>> {
-        in_tx!(self, |tx| rows(&tx, &SQL.revoked_fingerprints, &[], |r| r
+        read!(self, |tx| rows(&tx, &SQL.revoked_fingerprints, &[], |r| r
             .text(0))
         .await?)
     }
@@ -528,7 +506,7 @@ impl Store for PgStore {
     }
 
     fn defaults(&self) -> BoxFuture<'_, StoreResult<Value>> {
-        in_tx!(self, |tx| read_defaults(&tx).await?)
+        read!(self, |tx| read_defaults(&tx).await?)
     }
 
     fn set_defaults(&self, settings: Value) -> BoxFuture<'_, StoreResult<()>> {
@@ -540,7 +518,7 @@ impl Store for PgStore {
     }
 
     fn groups(&self) -> BoxFuture<'_, StoreResult<Vec<Group>>> {
-        in_tx!(self, |tx| read_groups(&tx).await?)
+        read!(self, |tx| read_groups(&tx).await?)
     }
 
     fn put_group(&self, g: Group) -> BoxFuture<'_, StoreResult<()>> {
@@ -564,7 +542,7 @@ impl Store for PgStore {
     }
 
     fn users(&self) -> BoxFuture<'_, StoreResult<Vec<UserProfile>>> {
-        in_tx!(self, |tx| read_users(&tx).await?)
+        read!(self, |tx| read_users(&tx).await?)
     }
 
     fn put_user(&self, u: UserProfile) -> BoxFuture<'_, StoreResult<()>> {
@@ -589,39 +567,73 @@ impl Store for PgStore {
             let mut conn = self.conn().await?;
             // One snapshot for all the reads: the version must describe
             // exactly the settings returned with it.
-            let tx = conn
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
+            let tx = conn.snapshot().await?;
             let Some(d) = load_device(&tx, &device_id).await? else {
                 return not_found(format!("no device {device_id:?}"));
             };
-            let groups = read_groups(&tx)
-                .await?
-                .into_iter()
-                .filter(|g| d.groups.contains(&g.name))
-                .collect();
-            let user = match d.session_user {
-                None => None,
-                Some(u) => {
-                    let row = tx.query_opt(&SQL.user_settings, &[&u]).await?;
-                    let profile = match row {
-                        Some(r) => Some(parse_json(r.try_get(0)?)?),
-                        None => None,
-                    };
-                    Some((u, profile))
-                }
+            // The three reads do not depend on each other: sent together
+            // (the driver pipelines them), they cost one round trip.
+            let user = async {
+                let Some(u) = d.session_user.clone() else {
+                    return Ok(None);
+                };
+                let row = tx.query_opt(&SQL.user_settings, &[&u]).await?;
+                let profile = match row {
+                    Some(r) => Some(parse_json(r.try_get(0)?)?),
+                    None => None,
+                };
+                StoreResult::Ok(Some((u, profile)))
             };
+            let (groups, defaults, user) =
+                tokio::try_join!(read_groups(&tx), read_defaults(&tx), user)?;
             let inputs = SettingsInputs {
-                defaults: read_defaults(&tx).await?,
-                groups,
+                defaults,
+                groups: groups
+                    .into_iter()
+                    .filter(|g| d.groups.contains(&g.name))
+                    .collect(),
                 device: d.settings,
                 user,
             };
             tx.commit().await?;
             Ok(inputs)
+        })
+    }
+
+    fn hot_state(&self) -> BoxFuture<'_, StoreResult<HotState>> {
+        Box::pin(async move {
+            let mut conn = self.conn().await?;
+            let tx = conn.snapshot().await?;
+            let members = async {
+                let rows = tx.query(&SQL.all_members, &[]).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<StoreResult<Vec<(String, String)>>>()
+            };
+            let counts = async {
+                let rows = tx.query(&SQL.pending_counts, &[]).await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<StoreResult<Vec<(String, i64)>>>()
+            };
+            // Independent reads of one snapshot: pipelined, one round trip.
+            let (defaults, groups, users, devices, members, pending) = tokio::try_join!(
+                read_defaults(&tx),
+                read_groups(&tx),
+                read_users(&tx),
+                rows(&tx, &SQL.hot_devices, &[], sql::hot_device),
+                members,
+                counts,
+            )?;
+            tx.commit().await?;
+            let mut state = HotState {
+                defaults,
+                groups,
+                users,
+                devices,
+            };
+            state.attach(members, pending);
+            Ok(state)
         })
     }
 
@@ -662,7 +674,7 @@ impl Store for PgStore {
     }
 
     fn pending_commands(&self, device_id: String) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
-        in_tx!(self, |tx| rows(
+        read!(self, |tx| rows(
             &tx,
             &SQL.pending_commands,
             &[&device_id],
@@ -672,14 +684,14 @@ impl Store for PgStore {
     }
 
     fn pending_count(&self, device_id: String) -> BoxFuture<'_, StoreResult<i64>> {
-        in_tx!(self, |tx| tx
+        read!(self, |tx| tx
             .query_one(&SQL.pending_count, &[&device_id])
             .await?
             .try_get::<_, i64>(0)?)
     }
 
     fn commands(&self, device_id: String, limit: i64) -> BoxFuture<'_, StoreResult<Vec<Command>>> {
-        in_tx!(self, |tx| rows(
+        read!(self, |tx| rows(
             &tx,
             &SQL.recent_commands,
             &[&device_id, &limit],
@@ -716,12 +728,7 @@ impl Store for PgStore {
     fn export(&self) -> BoxFuture<'_, StoreResult<Snapshot>> {
         Box::pin(async move {
             let mut conn = self.conn().await?;
-            let tx = conn
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await?;
+            let tx = conn.snapshot().await?;
             let snapshot = Snapshot {
                 format: SNAPSHOT_FORMAT.to_string(),
                 version: SNAPSHOT_VERSION,
@@ -792,8 +799,9 @@ impl Store for PgStore {
 
     fn publish(&self, event: StoreEvent) -> BoxFuture<'_, StoreResult<()>> {
         Box::pin(async move {
-            let conn = self.conn().await?;
-            conn.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &event.encode()])
+            let mut conn = self.conn().await?;
+            conn.direct()
+                .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &event.encode()])
                 .await?;
             Ok(())
         })

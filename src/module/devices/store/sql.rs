@@ -128,6 +128,12 @@ pub struct Statements {
     /// 1 fingerprint.
     pub device_by_fingerprint: String,
     pub devices: String,
+    /// What a heartbeat's answer needs of every unrevoked device (`hot_device`).
+    pub hot_devices: String,
+    /// Every membership (device id, group name), by group name.
+    pub all_members: String,
+    /// Unacknowledged commands per device (device id, count).
+    pub pending_counts: String,
     /// `device_args`.
     pub insert_device: String,
     /// 1 id: the device's row, locked against concurrent changes.
@@ -222,6 +228,13 @@ impl Statements {
                 "SELECT {DEVICE_COLUMNS} FROM dev_devices WHERE fingerprint = ?1"
             )),
             devices: format!("SELECT {DEVICE_COLUMNS} FROM dev_devices ORDER BY id"),
+            hot_devices: "SELECT id, fingerprint, settings, login_user FROM dev_devices \
+                 WHERE revoked_at IS NULL"
+                .into(),
+            all_members: "SELECT device_id, group_name FROM dev_members ORDER BY group_name".into(),
+            pending_counts: "SELECT device_id, count(*) FROM dev_commands \
+                 WHERE acked_at IS NULL GROUP BY device_id"
+                .into(),
             insert_device: s(&format!(
                 "INSERT INTO dev_devices ({DEVICE_COLUMNS}) \
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
@@ -428,6 +441,18 @@ pub trait Columns {
 }
 
 /// A row of `DEVICE_COLUMNS`, without its groups (they are another table).
+/// A row of `hot_devices` (groups and pending count filled in later).
+pub fn hot_device(r: &dyn Columns) -> StoreResult<HotDevice> {
+    Ok(HotDevice {
+        id: r.text(0)?,
+        fingerprint: r.text(1)?,
+        settings: parse_json(&r.text(2)?)?,
+        session_user: r.opt_text(3)?,
+        groups: Vec::new(),
+        pending: 0,
+    })
+}
+
 pub fn device(r: &dyn Columns) -> StoreResult<Device> {
     Ok(Device {
         id: r.text(0)?,

@@ -687,6 +687,21 @@ impl Store for SqliteStore {
         })
     }
 
+    fn hot_state(&self) -> BoxFuture<'_, StoreResult<HotState>> {
+        self.read(|tx| {
+            let mut state = HotState {
+                defaults: read_defaults(tx)?,
+                groups: read_groups(tx)?,
+                users: read_users(tx)?,
+                devices: rows(tx, &SQL.hot_devices, [], sql::hot_device)?,
+            };
+            let members = rows(tx, &SQL.all_members, [], |r| Ok((r.text(0)?, r.text(1)?)))?;
+            let pending = rows(tx, &SQL.pending_counts, [], |r| Ok((r.text(0)?, r.int(1)?)))?;
+            state.attach(members, pending);
+            Ok(state)
+        })
+    }
+
     fn queue_command(&self, c: Command) -> BoxFuture<'_, StoreResult<Command>> {
         self.write(move |tx| {
             let revoked: Option<Option<i64>> = tx

@@ -81,6 +81,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     settings_inputs(store).await;
     commands(store).await;
     revocation(store).await;
+    hot_state_matches_single_reads(store).await;
     export_import(store).await;
     a_token_is_never_overspent(store).await;
 }
@@ -459,6 +460,38 @@ async fn settings_inputs(s: &dyn Store) {
         s.settings_inputs("ghost".into()).await,
         Err(StoreError::NotFound(_))
     ));
+}
+
+/// The fleet-wide read that warms a balancer gives, device by device,
+/// exactly what the single reads give, and leaves revoked devices out.
+async fn hot_state_matches_single_reads(s: &dyn Store) {
+    s.set_session("d1".into(), Some("alice".into()))
+        .await
+        .unwrap();
+    let hot = s.hot_state().await.unwrap();
+    let (all, _) = s.list_devices(query()).await.unwrap();
+    let live: Vec<_> = all.iter().filter(|d| d.revoked_at.is_none()).collect();
+    assert!(
+        live.len() >= 2 && live.len() < all.len(),
+        "the suite leaves live and revoked devices"
+    );
+    assert_eq!(hot.devices.len(), live.len());
+    let mut some_pending = false;
+    for d in live {
+        let h = hot
+            .devices
+            .iter()
+            .find(|h| h.id == d.id)
+            .expect("every live device");
+        assert_eq!(h.fingerprint, d.fingerprint);
+        assert_eq!(
+            hot.inputs(h),
+            s.settings_inputs(d.id.clone()).await.unwrap()
+        );
+        assert_eq!(h.pending, s.pending_count(d.id.clone()).await.unwrap());
+        some_pending |= h.pending > 0;
+    }
+    assert!(some_pending, "the suite leaves commands pending");
 }
 
 async fn commands(s: &dyn Store) {
