@@ -48,6 +48,8 @@ pub struct Devices {
     /// This balancer's name in `channel_node`.
     pub node: String,
     events_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Renews this node's lease (lease.rs).
+    lease_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Devices {
@@ -97,6 +99,7 @@ impl Devices {
             revoked: RwLock::new(HashSet::new()),
             node,
             events_task: std::sync::Mutex::new(None),
+            lease_task: std::sync::Mutex::new(None),
             config,
         });
         devices.reload_revocations().await?;
@@ -121,6 +124,8 @@ impl Devices {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner()) = Some(task);
         }
+        let lease = super::lease::start(&devices).await;
+        *devices.lease_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         tracing::info!(module = name, store = devices.store.kind(), node = %devices.node, "devices: ready");
         Ok(devices)
     }
@@ -237,6 +242,14 @@ impl Devices {
         self.hub.close_all("server shutting down");
         if let Some(t) = self
             .events_task
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            t.abort();
+        }
+        if let Some(t) = self
+            .lease_task
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
