@@ -188,7 +188,7 @@ async fn device(
                 Ok(ws) => break ws,
                 Err(_) => server += 1,
             }
-            if server % servers.targets.len() == 0 {
+            if server.is_multiple_of(servers.targets.len()) {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         };
