@@ -19,7 +19,7 @@ mod common;
 #[path = "../src/cli/simulate/mod.rs"]
 mod simulate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -141,6 +141,10 @@ struct Seen {
     heartbeats_ok: AtomicU64,
     /// Per device: when its channel was open again after a loss.
     reopened: Mutex<HashMap<String, Instant>>,
+    /// How long devices take to acknowledge a command: set around the
+    /// kill, so that some commands are sent and not yet acknowledged when
+    /// their balancer dies.
+    ack_delay_ms: AtomicU64,
 }
 
 impl Seen {
@@ -177,6 +181,8 @@ async fn device(
     let mut conn: Option<DeviceConn> = None;
     let mut ids: HashSet<String> = HashSet::new();
     let mut lost = false;
+    // Acknowledgements waiting for their time.
+    let mut unacked: VecDeque<(Instant, Value)> = VecDeque::new();
     let mut beat = tokio::time::interval(Duration::from_millis(800 + fastrand::u64(..400)));
     loop {
         // (Re)open the channel, from the current address on.
@@ -215,13 +221,22 @@ async fn device(
                             seen.redelivered.fetch_add(1, Ordering::Relaxed);
                         }
                         let ack = json!({"type": "ack", "id": v["id"], "status": "ok"});
-                        if ws.send(Message::text(ack.to_string())).await.is_err() {
+                        let delay = seen.ack_delay_ms.load(Ordering::Relaxed);
+                        if delay > 0 {
+                            unacked.push_back((Instant::now() + Duration::from_millis(delay), ack));
+                        } else if ws.send(Message::text(ack.to_string())).await.is_err() {
                             break;
                         }
                     }
                     Some(Ok(Message::Close(_))) | Some(Err(_)) | None => break,
                     Some(Ok(_)) => {}
                 },
+                _ = tokio::time::sleep_until(unacked.front().map_or_else(Instant::now, |a| a.0)), if !unacked.is_empty() => {
+                    let (_, ack) = unacked.pop_front().unwrap();
+                    if ws.send(Message::text(ack.to_string())).await.is_err() {
+                        break;
+                    }
+                }
                 _ = beat.tick() => {
                     let c = match conn.take() {
                         Some(c) if !c.closed => Some(c),
@@ -244,6 +259,8 @@ async fn device(
         }
         lost = true;
         conn = None;
+        // Not acknowledged: the command comes again on the next channel.
+        unacked.clear();
         if mute {
             let _ = stop.changed().await;
             return;
@@ -263,6 +280,32 @@ async fn queue(lb: &Admin, device: &str, text: &str) -> String {
         .await
         .unwrap();
     c["id"].as_str().unwrap().to_string()
+}
+
+/// How many of the `queued` commands (device -> ids) the store has
+/// acknowledged, checking that each is stored once.
+async fn acked_in_store(lb: &Admin, queued: &HashMap<String, Vec<String>>) -> usize {
+    let mut acked = 0;
+    for (id, cids) in queued {
+        let v = lb
+            .expect(
+                200,
+                "GET",
+                &format!("devices/{id}/commands?limit=1000"),
+                None,
+            )
+            .await
+            .unwrap();
+        let list = v["commands"].as_array().unwrap();
+        for cid in cids {
+            let rows: Vec<&Value> = list.iter().filter(|c| c["id"] == cid.as_str()).collect();
+            assert_eq!(rows.len(), 1, "command {cid} stored once");
+            if rows[0]["status"] == "ok" && rows[0]["acked_at"].is_i64() {
+                acked += 1;
+            }
+        }
+    }
+    acked
 }
 
 /// Every device row, through `lb`.
@@ -472,10 +515,20 @@ fn three_balancers_one_fleet_and_one_lost() {
                     .expect("every command queued before the loss delivered");
             }
         }
+        until("the commands before the loss acknowledged", Duration::from_secs(60), async || {
+            acked_in_store(a, &queued).await == queued.values().map(Vec::len).sum::<usize>()
+        })
+        .await;
+        // From here on, devices acknowledge a command 1.5 s after they
+        // got it: the kill finds some sent and not acknowledged.
+        seen.ack_delay_ms.store(1500, Ordering::Relaxed);
         let returning: Vec<String> =
             ids.iter().filter(|id| !mute.contains(*id)).cloned().collect();
         let racing = {
-            let returning = returning.clone();
+            // The killed balancer's devices first: theirs are the commands
+            // in flight at the kill.
+            let mut returning = returning.clone();
+            returning.sort_by_key(|id| start_of[id] != 2);
             let (a, b) = (a.clone(), b.clone());
             tokio::spawn(async move {
                 let mut out = Vec::new();
@@ -490,6 +543,7 @@ fn three_balancers_one_fleet_and_one_lost() {
         lbs[2].process.signal("KILL");
         let killed_at = Instant::now();
         let killed_ms = now_ms();
+        seen.ack_delay_ms.store(0, Ordering::Relaxed);
         // When the dead node's channels stop being reported for the
         // devices that do not come back.
         let cleared = {
@@ -539,26 +593,9 @@ fn three_balancers_one_fleet_and_one_lost() {
 
         // Acknowledged in the store, once each.
         let mut acked = 0;
-        until("every delivered command acknowledged in the store", Duration::from_secs(60), async || {
-            acked = 0;
-            for (id, cids) in &queued {
-                if mute.contains(id) {
-                    continue;
-                }
-                let v = a
-                    .expect(200, "GET", &format!("devices/{id}/commands?limit=1000"), None)
-                    .await
-                    .unwrap();
-                let list = v["commands"].as_array().unwrap();
-                for cid in cids {
-                    let rows: Vec<&Value> = list.iter().filter(|c| c["id"] == cid.as_str()).collect();
-                    assert_eq!(rows.len(), 1, "command {cid} stored once");
-                    if rows[0]["status"] == "ok" && rows[0]["acked_at"].is_i64() {
-                        acked += 1;
-                    }
-                }
-            }
-            acked == queued.iter().filter(|(id, _)| !mute.contains(*id)).map(|(_, c)| c.len()).sum::<usize>()
+        until("every command acknowledged in the store", Duration::from_secs(60), async || {
+            acked = acked_in_store(a, &queued).await;
+            acked == total
         })
         .await;
         let delivered = {
@@ -604,6 +641,27 @@ fn three_balancers_one_fleet_and_one_lost() {
         assert_eq!(compared, FLEET, "every device had a heartbeat answered");
         let after_kill = last.values().filter(|t| **t > killed_ms).count();
 
+        // The simulator with the server list, the dead balancer in it:
+        // the devices that start there enrol and run on the next address.
+        let mut sim = std::process::Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        sim.arg("simulate")
+            .args(["--url", &format!("https://{},https://{}", fronts[0], fronts[1])])
+            .args(["--url", &format!("https://{}", fronts[2])])
+            .args(["--admin", &format!("http://{}", a.addr)])
+            .args(["--admin-token", TOKEN])
+            .arg("--server-ca")
+            .arg(root.path().join("lb-a/data/server.pem"))
+            .args(["--devices", "30", "--concurrency", "8", "--hold-websockets"])
+            .args(["--duration", "3s", "--heartbeat-interval", "500ms", "--jitter", "200ms"])
+            .args(["--threads", "1", "--json"]);
+        let out = tokio::task::spawn_blocking(move || sim.output().unwrap()).await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["storm"]["devices_ok"], 30, "{report}");
+        assert_eq!(report["websockets"]["opened"], 30, "{report}");
+        assert_eq!(report["websockets"]["lost"], 0, "{report}");
+        assert_eq!(report["heartbeats"]["errors"], json!({}), "{report}");
+
         eprintln!("three balancers, one PostgreSQL, {FLEET} devices + {SAMPLES} probes");
         eprintln!("{queue_lat}");
         eprintln!("{settings_b}");
@@ -612,7 +670,7 @@ fn three_balancers_one_fleet_and_one_lost() {
         eprintln!("{revoke_c}");
         eprintln!("{reconnect} ({c_returning} devices of the killed balancer)");
         eprintln!(
-            "commands: {total} queued ({} for {MUTE} devices that did not return), {delivered} delivered, {acked} acknowledged, {} received again (deduplicated)",
+            "commands: {total} queued ({} for {MUTE} devices that did not return, all before the loss), {delivered} delivered, {acked} acknowledged, {} received again (deduplicated)",
             queued.iter().filter(|(id, _)| mute.contains(*id)).map(|(_, c)| c.len()).sum::<usize>(),
             seen.redelivered.load(Ordering::Relaxed)
         );
@@ -625,6 +683,10 @@ fn three_balancers_one_fleet_and_one_lost() {
             cleared_after.as_secs_f64()
         );
         assert_eq!(delivered, total, "distinct commands received == queued");
+        eprintln!(
+            "simulate --url A,B --url C (C dead): {} devices enrolled, {} channels held, {} heartbeats ok",
+            report["storm"]["devices_ok"], report["websockets"]["held_at_end"], report["heartbeats"]["ok"]
+        );
     });
     drop(lbs);
 }

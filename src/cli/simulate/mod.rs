@@ -14,7 +14,8 @@
 //!
 //! With several `--url`s (a server list) device `i` starts on address
 //! `i % n` and, when a connection to it fails, tries the next address of
-//! the list, for its heartbeat connection and its command channel alike;
+//! the list, for its enrolment, heartbeat connection and command channel
+//! alike;
 //! a lost channel is then opened again and commands received twice are
 //! recognised by their id.
 //!
@@ -438,10 +439,19 @@ pub async fn storm_on(
                     continue;
                 }
                 let token = &tokens[(i / 1_000_000).min(tokens.len() - 1)];
-                let server = i % servers.len();
-                let target = servers.at(server);
+                let mut server = i % servers.len();
                 let t0 = Instant::now();
-                let identity = match target.enrol(token, &format!("sim-{i}")).await {
+                // An address that refuses the connection never saw the
+                // enrolment: the next one may take it.
+                let mut enrolled = Err(SimError::Closed);
+                for _ in 0..servers.len() {
+                    enrolled = servers.at(server).enrol(token, &format!("sim-{i}")).await;
+                    if !matches!(enrolled, Err(SimError::Connect(_))) {
+                        break;
+                    }
+                    server = (server + 1) % servers.len();
+                }
+                let identity = match enrolled {
                     Ok(id) => Arc::new(id),
                     Err(e) => {
                         count(&mut errors, format!("enrol: {}", e.kind()));
@@ -452,7 +462,7 @@ pub async fn storm_on(
                 record(&mut enrol_h, t0.elapsed());
                 let t1 = Instant::now();
                 let fetched = async {
-                    let mut conn = target.connect(&identity.config).await?;
+                    let (mut conn, _) = servers.connect(&identity, &mut server).await?;
                     conn.request("GET", "/api/v1/settings", None)
                         .await?
                         .expect(200)?;
