@@ -12,6 +12,13 @@
 //!    kept-alive TLS connection of its own; a device without a channel
 //!    that is told of pending commands polls and acknowledges them.
 //!
+//! With several `--url`s (a server list) device `i` starts on address
+//! `i % n` and, when a connection to it fails, tries the next address of
+//! the list, for its enrolment, heartbeat connection and command channel
+//! alike;
+//! a lost channel is then opened again and commands received twice are
+//! recognised by their id.
+//!
 //! Tasks are bounded by `--concurrency`: each worker task owns a share of
 //! the devices and multiplexes their connections itself (no task per
 //! connection). Only loopback targets are accepted. See docs/simulator.md.
@@ -20,7 +27,7 @@ pub mod client;
 pub mod report;
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -41,8 +48,14 @@ use report::*;
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
     /// The offload listener serving the devices API (loopback only).
-    #[arg(long, default_value = "https://127.0.0.1:8443")]
-    pub url: String,
+    /// Several (repeated, or comma-separated) make a server list.
+    #[arg(
+        long,
+        default_value = "https://127.0.0.1:8443",
+        value_delimiter = ',',
+        num_args = 1
+    )]
+    pub url: Vec<String>,
     /// The admin listener (loopback only).
     #[arg(long, default_value = "http://127.0.0.1:9900")]
     pub admin: String,
@@ -208,7 +221,11 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
              --heartbeat-interval 0 with --hold-websockets"
         );
     }
-    let addr = loopback_addr(&opts.url, 443).await?;
+    anyhow::ensure!(!opts.url.is_empty(), "give at least one --url");
+    let mut addrs = Vec::new();
+    for url in &opts.url {
+        addrs.push(loopback_addr(url, 443).await?);
+    }
     let admin_addr = loopback_addr(&opts.admin, 80).await?;
     let token = match &opts.admin_token {
         Some(t) => t.clone(),
@@ -222,7 +239,16 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         (None, true) => Trust::Insecure,
         (None, false) => anyhow::bail!("give --server-ca FILE or --insecure"),
     };
-    let target = Arc::new(Target::new(addr, &opts.server_name, trust, opts.timeout)?);
+    let mut targets = Vec::new();
+    for addr in addrs {
+        targets.push(Arc::new(Target::new(
+            addr,
+            &opts.server_name,
+            trust.clone(),
+            opts.timeout,
+        )?));
+    }
+    let servers = Arc::new(Servers { targets });
     let admin = Admin {
         addr: admin_addr,
         token,
@@ -235,14 +261,14 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         .context("creating the enrolment token")?;
 
     let mut report = Report {
-        url: opts.url.clone(),
+        url: opts.url.join(","),
         devices: opts.devices as u64,
         concurrency: opts.concurrency as u64,
         ..Default::default()
     };
     let storm_deadline = Instant::now() + opts.storm_timeout;
-    let (devices, storm) = storm(
-        target.clone(),
+    let (devices, storm) = storm_on(
+        servers.clone(),
         tokens,
         opts.devices,
         opts.concurrency,
@@ -262,8 +288,12 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
     }
     if opts.hold_websockets {
         progress("opening the command WebSockets");
-        let (b, ws) =
-            open_websockets(target.clone(), buckets, Instant::now() + opts.storm_timeout).await;
+        let (b, ws) = open_websockets(
+            servers.clone(),
+            buckets,
+            Instant::now() + opts.storm_timeout,
+        )
+        .await;
         buckets = b;
         progress(&format!(
             "{} WebSockets open in {:.2} s",
@@ -278,13 +308,15 @@ pub async fn run(opts: &Options) -> anyhow::Result<Report> {
         duration: opts.duration,
         heartbeats,
     };
-    let (hb, ws) = steady(target, buckets, plan).await;
+    let (hb, ws) = steady(servers, buckets, plan).await;
     if let (Some(w), Some(s)) = (report.websockets.as_mut(), ws) {
         w.held_at_end = s.held_at_end;
         w.lost = s.lost;
         w.commands_received = s.commands_received;
         w.acks_sent = s.acks_sent;
         w.acks_confirmed = s.acks_confirmed;
+        w.reopened = s.reopened;
+        w.redelivered = s.redelivered;
         merge(&mut w.errors, s.errors);
     }
     report.heartbeats = heartbeats.then_some(hb);
@@ -298,13 +330,86 @@ pub struct SimDevice {
     pub conn: Option<DeviceConn>,
     /// Its command channel, when held.
     pub ws: Option<DeviceWs>,
+    /// Its current address in the server list (device `i` starts on
+    /// `i % n`).
+    pub server: usize,
+}
+
+/// The server list: each device starts on one address and moves to the
+/// next when a connection fails, as devices with a list of servers do.
+pub struct Servers {
+    pub targets: Vec<Arc<Target>>,
+}
+
+impl Servers {
+    pub fn at(&self, i: usize) -> &Arc<Target> {
+        &self.targets[i % self.targets.len()]
+    }
+
+    fn len(&self) -> usize {
+        self.targets.len()
+    }
+
+    /// A connection for the device, from its current address on; the
+    /// index moves to the address that answered. Returns how many
+    /// addresses failed before it (failovers).
+    async fn connect(
+        &self,
+        identity: &Identity,
+        server: &mut usize,
+    ) -> Result<(DeviceConn, u64), SimError> {
+        let mut last = None;
+        for tried in 0..self.len() {
+            match self.at(*server).connect(&identity.config).await {
+                Ok(c) => return Ok((c, tried as u64)),
+                Err(e) => last = Some(e),
+            }
+            *server = (*server + 1) % self.len();
+        }
+        Err(last.unwrap_or(SimError::Closed))
+    }
+
+    /// The device's command channel, likewise.
+    async fn websocket(
+        &self,
+        identity: &Identity,
+        server: &mut usize,
+    ) -> Result<DeviceWs, SimError> {
+        let mut last = None;
+        for _ in 0..self.len() {
+            match self.at(*server).websocket(identity).await {
+                Ok(ws) => return Ok(ws),
+                Err(e) => last = Some(e),
+            }
+            *server = (*server + 1) % self.len();
+        }
+        Err(last.unwrap_or(SimError::Closed))
+    }
 }
 
 /// Phase 1: enrol `n` devices and fetch each one's settings, at most
 /// `concurrency` at a time. With `keep_conn` each device keeps the
 /// connection its settings came over.
+// One address: what tests driving the simulator's devices use; the
+// command itself goes through `storm_on`.
+#[allow(dead_code)]
 pub async fn storm(
     target: Arc<Target>,
+    tokens: Vec<String>,
+    n: usize,
+    concurrency: usize,
+    keep_conn: bool,
+    deadline: Instant,
+) -> (Vec<SimDevice>, StormReport) {
+    let servers = Arc::new(Servers {
+        targets: vec![target],
+    });
+    storm_on(servers, tokens, n, concurrency, keep_conn, deadline).await
+}
+
+/// [`storm`] over a server list: device `i` enrols on address `i % n`.
+pub async fn storm_on(
+    servers: Arc<Servers>,
     tokens: Vec<String>,
     n: usize,
     concurrency: usize,
@@ -316,7 +421,7 @@ pub async fn storm(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..concurrency.min(n).max(1) {
-        let (target, tokens, next) = (target.clone(), tokens.clone(), next.clone());
+        let (servers, tokens, next) = (servers.clone(), tokens.clone(), next.clone());
         tasks.spawn(async move {
             let (mut enrol_h, mut settings_h) = (histogram(), histogram());
             let mut errors = Errors::new();
@@ -334,8 +439,19 @@ pub async fn storm(
                     continue;
                 }
                 let token = &tokens[(i / 1_000_000).min(tokens.len() - 1)];
+                let mut server = i % servers.len();
                 let t0 = Instant::now();
-                let identity = match target.enrol(token, &format!("sim-{i}")).await {
+                // An address that refuses the connection never saw the
+                // enrolment: the next one may take it.
+                let mut enrolled = Err(SimError::Closed);
+                for _ in 0..servers.len() {
+                    enrolled = servers.at(server).enrol(token, &format!("sim-{i}")).await;
+                    if !matches!(enrolled, Err(SimError::Connect(_))) {
+                        break;
+                    }
+                    server = (server + 1) % servers.len();
+                }
+                let identity = match enrolled {
                     Ok(id) => Arc::new(id),
                     Err(e) => {
                         count(&mut errors, format!("enrol: {}", e.kind()));
@@ -346,7 +462,7 @@ pub async fn storm(
                 record(&mut enrol_h, t0.elapsed());
                 let t1 = Instant::now();
                 let fetched = async {
-                    let mut conn = target.connect(&identity.config).await?;
+                    let (mut conn, _) = servers.connect(&identity, &mut server).await?;
                     conn.request("GET", "/api/v1/settings", None)
                         .await?
                         .expect(200)?;
@@ -360,6 +476,7 @@ pub async fn storm(
                             identity,
                             conn: keep_conn.then_some(conn),
                             ws: None,
+                            server,
                         });
                     }
                     Err(e) => {
@@ -395,7 +512,7 @@ pub async fn storm(
 
 /// Phase 2: open every device's command channel, one worker per bucket.
 pub async fn open_websockets(
-    target: Arc<Target>,
+    servers: Arc<Servers>,
     buckets: Vec<Vec<SimDevice>>,
     deadline: Instant,
 ) -> (Vec<Vec<SimDevice>>, WebSocketReport) {
@@ -403,7 +520,7 @@ pub async fn open_websockets(
     let tasks: Vec<_> = buckets
         .into_iter()
         .map(|mut bucket| {
-            let target = target.clone();
+            let servers = servers.clone();
             tokio::spawn(async move {
                 let mut h = histogram();
                 let mut errors = Errors::new();
@@ -415,7 +532,7 @@ pub async fn open_websockets(
                         continue;
                     }
                     let t0 = Instant::now();
-                    match target.websocket(&d.identity).await {
+                    match servers.websocket(&d.identity, &mut d.server).await {
                         Ok(ws) => {
                             record(&mut h, t0.elapsed());
                             d.ws = Some(ws);
@@ -468,12 +585,15 @@ struct HbOutcome {
     result: Result<(), SimError>,
     latency: Duration,
     reconnected: bool,
+    failovers: u64,
     polled: u64,
     acked: u64,
 }
 
 #[derive(Default)]
 struct WsOutcome {
+    /// Ids of the commands received.
+    ids: Vec<String>,
     received: u64,
     acks: u64,
     confirmed: u64,
@@ -481,8 +601,11 @@ struct WsOutcome {
 }
 
 enum Event {
-    Heartbeat(usize, Option<DeviceConn>, HbOutcome),
+    /// The device, its connection, its address after the heartbeat.
+    Heartbeat(usize, Option<DeviceConn>, usize, HbOutcome),
     Channel(usize, Option<DeviceWs>, WsOutcome),
+    /// A lost channel opened again (`None`: every address failed).
+    Reopened(usize, Option<DeviceWs>, usize),
 }
 
 type EventFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Event> + Send>>;
@@ -491,9 +614,10 @@ type EventFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Event> + S
 /// server closed it while idle); then, for a device without a channel,
 /// poll and acknowledge pending commands.
 async fn heartbeat(
-    target: &Target,
+    servers: &Servers,
     identity: &Identity,
     conn: &mut Option<DeviceConn>,
+    server: &mut usize,
     poll: bool,
     out: &mut HbOutcome,
 ) -> Result<(), SimError> {
@@ -502,13 +626,17 @@ async fn heartbeat(
         Some(c) if !c.closed => c,
         _ => {
             out.reconnected = true;
-            target.connect(&identity.config).await?
+            let (c, failed) = servers.connect(identity, server).await?;
+            out.failovers += failed;
+            c
         }
     };
     let r = match c.request("POST", "/api/v1/heartbeat", None).await {
         Err(SimError::Closed | SimError::Io(_)) if !out.reconnected => {
             out.reconnected = true;
-            c = target.connect(&identity.config).await?;
+            let (c2, failed) = servers.connect(identity, server).await?;
+            out.failovers += failed;
+            c = c2;
             c.request("POST", "/api/v1/heartbeat", None).await?
         }
         r => r?,
@@ -553,6 +681,8 @@ async fn channel_next(mut ws: DeviceWs) -> (Option<DeviceWs>, WsOutcome) {
                 match v["type"].as_str() {
                     Some("command") => {
                         out.received += 1;
+                        out.ids
+                            .push(v["id"].as_str().unwrap_or_default().to_string());
                         let ack = json!({"type": "ack", "id": v["id"], "status": "ok",
                             "result": {"simulated": true}});
                         if let Err(e) = ws.send(Message::text(ack.to_string())).await {
@@ -586,6 +716,8 @@ struct ChannelStats {
     commands_received: u64,
     acks_sent: u64,
     acks_confirmed: u64,
+    reopened: u64,
+    redelivered: u64,
     errors: Errors,
 }
 
@@ -597,14 +729,35 @@ struct WorkerResult {
     sent: u64,
     ok: u64,
     reconnects: u64,
+    failovers: u64,
     polled: u64,
     acked: u64,
     errors: Errors,
     channels: ChannelStats,
 }
 
+/// Open a lost channel again from the device's current address on,
+/// retrying the whole list every second until `end`.
+async fn reopen(
+    servers: Arc<Servers>,
+    identity: Arc<Identity>,
+    i: usize,
+    mut server: usize,
+    end: Instant,
+) -> Event {
+    loop {
+        if let Ok(ws) = servers.websocket(&identity, &mut server).await {
+            return Event::Reopened(i, Some(ws), server);
+        }
+        if Instant::now() + Duration::from_secs(1) >= end {
+            return Event::Reopened(i, None, server);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 async fn worker(
-    target: Arc<Target>,
+    servers: Arc<Servers>,
     bucket: Vec<SimDevice>,
     plan: Steady,
     start: Instant,
@@ -618,12 +771,18 @@ async fn worker(
         sent: 0,
         ok: 0,
         reconnects: 0,
+        failovers: 0,
         polled: 0,
         acked: 0,
         errors: Errors::new(),
         channels: ChannelStats::default(),
     };
     let mut slots: Vec<(Arc<Identity>, Option<DeviceConn>, bool)> = Vec::new();
+    // Per device: its address in the server list, and the command ids it
+    // has received (devices treat the id as an idempotency key).
+    let mut server = Vec::new();
+    let mut seen: Vec<HashSet<String>> = Vec::new();
+    let failover = servers.len() > 1;
     // Whether each device has had a heartbeat answered in this phase.
     let mut answered = Vec::new();
     let mut inflight: FuturesUnordered<EventFuture> = FuturesUnordered::new();
@@ -641,23 +800,28 @@ async fn worker(
             due.push(Reverse((start + period.mul_f64(fastrand::f64()), i)));
         }
         slots.push((d.identity, d.conn, has_ws));
+        server.push(d.server);
+        seen.push(HashSet::new());
         answered.push(false);
     }
     let mut hb_inflight = 0usize;
+    let mut reopening = 0usize;
     let mut channels_open = inflight.len() as u64;
     loop {
         let stopping = Instant::now() >= end;
-        if stopping && hb_inflight == 0 {
+        if stopping && hb_inflight == 0 && reopening == 0 {
             break;
         }
         let next_due = due.peek().map(|Reverse((t, _))| *t);
         tokio::select! {
             biased;
             ev = inflight.next(), if !inflight.is_empty() => match ev {
-                Some(Event::Heartbeat(i, conn, out)) => {
+                Some(Event::Heartbeat(i, conn, at, out)) => {
                     hb_inflight -= 1;
                     slots[i].1 = conn;
+                    server[i] = at;
                     r.reconnects += out.reconnected as u64;
+                    r.failovers += out.failovers;
                     r.polled += out.polled;
                     r.acked += out.acked;
                     match out.result {
@@ -676,7 +840,9 @@ async fn worker(
                 }
                 Some(Event::Channel(i, ws, out)) => {
                     let c = &mut r.channels;
-                    c.commands_received += out.received;
+                    let fresh = out.ids.into_iter().filter(|id| seen[i].insert(id.clone())).count() as u64;
+                    c.commands_received += fresh;
+                    c.redelivered += out.received - fresh;
                     c.acks_sent += out.acks;
                     c.acks_confirmed += out.confirmed;
                     match ws {
@@ -688,7 +854,23 @@ async fn worker(
                             channels_open -= 1;
                             c.lost += 1;
                             count(&mut c.errors, format!("channel: {}", out.error.unwrap_or_default()));
+                            if failover && !stopping {
+                                reopening += 1;
+                                inflight.push(Box::pin(reopen(servers.clone(), slots[i].0.clone(), i, server[i], end)));
+                            }
                         }
+                    }
+                }
+                Some(Event::Reopened(i, ws, at)) => {
+                    reopening -= 1;
+                    server[i] = at;
+                    if let Some(ws) = ws {
+                        channels_open += 1;
+                        r.channels.reopened += 1;
+                        inflight.push(Box::pin(async move {
+                            let (ws, out) = channel_next(ws).await;
+                            Event::Channel(i, ws, out)
+                        }));
                     }
                 }
                 None => {}
@@ -704,17 +886,19 @@ async fn worker(
                     r.sent += 1;
                     hb_inflight += 1;
                     let (identity, mut conn, has_ws) = (slots[i].0.clone(), slots[i].1.take(), slots[i].2);
-                    let target = target.clone();
+                    let servers = servers.clone();
+                    let mut at = server[i];
                     inflight.push(Box::pin(async move {
                         let mut out = HbOutcome {
                             result: Ok(()),
                             latency: Duration::ZERO,
                             reconnected: false,
+                            failovers: 0,
                             polled: 0,
                             acked: 0,
                         };
-                        out.result = heartbeat(&target, &identity, &mut conn, !has_ws, &mut out).await;
-                        Event::Heartbeat(i, conn, out)
+                        out.result = heartbeat(&servers, &identity, &mut conn, &mut at, !has_ws, &mut out).await;
+                        Event::Heartbeat(i, conn, at, out)
                     }));
                 }
             },
@@ -727,7 +911,7 @@ async fn worker(
 
 /// Phase 3: heartbeats on schedule and held channels, for `plan.duration`.
 async fn steady(
-    target: Arc<Target>,
+    servers: Arc<Servers>,
     buckets: Vec<Vec<SimDevice>>,
     plan: Steady,
 ) -> (HeartbeatReport, Option<ChannelStats>) {
@@ -736,7 +920,7 @@ async fn steady(
     let start = Instant::now();
     let tasks: Vec<_> = buckets
         .into_iter()
-        .map(|b| tokio::spawn(worker(target.clone(), b, plan, start)))
+        .map(|b| tokio::spawn(worker(servers.clone(), b, plan, start)))
         .collect();
     let (mut latency, mut lag) = (histogram(), histogram());
     let (mut first, mut later) = (histogram(), histogram());
@@ -759,6 +943,7 @@ async fn steady(
         hb.sent += w.sent;
         hb.ok += w.ok;
         hb.reconnects += w.reconnects;
+        hb.failovers += w.failovers;
         hb.commands_polled += w.polled;
         hb.acks_sent += w.acked;
         merge(&mut hb.errors, w.errors);
@@ -767,6 +952,8 @@ async fn steady(
         ch.commands_received += w.channels.commands_received;
         ch.acks_sent += w.channels.acks_sent;
         ch.acks_confirmed += w.channels.acks_confirmed;
+        ch.reopened += w.channels.reopened;
+        ch.redelivered += w.channels.redelivered;
         merge(&mut ch.errors, w.channels.errors);
     }
     hb.seconds = plan.duration.as_secs_f64();

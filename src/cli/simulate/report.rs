@@ -92,7 +92,20 @@ pub struct WebSocketReport {
     pub commands_received: u64,
     pub acks_sent: u64,
     pub acks_confirmed: u64,
+    /// With several `--url`s: channels opened again (on the same address
+    /// or the next) after they were lost.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub reopened: u64,
+    /// Commands received again with an id the device had already seen
+    /// (sent, not acknowledged before a loss): acknowledged again, not
+    /// counted in `commands_received`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub redelivered: u64,
     pub errors: Errors,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -117,6 +130,10 @@ pub struct HeartbeatReport {
     /// How late heartbeats left against their schedule (simulator saturation).
     pub schedule_lag: Latency,
     pub reconnects: u64,
+    /// With several `--url`s: connections that went to the next address
+    /// because the current one failed.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub failovers: u64,
     pub commands_polled: u64,
     pub acks_sent: u64,
     pub errors: Errors,
@@ -192,6 +209,13 @@ impl Report {
                 w.acks_sent,
                 w.acks_confirmed
             );
+            if w.reopened + w.redelivered > 0 {
+                let _ = writeln!(
+                    o,
+                    "{} reopened after a loss, {} commands received again (deduplicated by id)\n",
+                    w.reopened, w.redelivered
+                );
+            }
             let _ = writeln!(o, "{head}");
             latency_row(&mut o, "open", &w.open);
             errors_line(&mut o, &w.errors);
@@ -214,6 +238,9 @@ impl Report {
                 h.commands_polled,
                 h.acks_sent
             );
+            if h.failovers > 0 {
+                let _ = writeln!(o, "{} failovers to the next address\n", h.failovers);
+            }
             let _ = writeln!(o, "{head}");
             latency_row(&mut o, "heartbeat", &h.latency);
             latency_row(&mut o, "first per device", &h.first_latency);

@@ -268,9 +268,24 @@ async fn route(devices: Arc<Devices>, req: Request<Incoming>) -> ApiResult<Respo
             "channels_here": devices.hub.len(),
             "revoked": devices.revocations.len(),
             "ca": devices.ca().cert_pem,
+            "nodes": nodes(&devices).await?,
         })),
         _ => Err(ApiError::not_found()),
     }
+}
+
+/// The balancers sharing the store and whether each one's lease is
+/// current (a node whose lease ran out is removed at the next renewal
+/// round of any live node, with its channels).
+async fn nodes(devices: &Devices) -> ApiResult<Value> {
+    let cutoff = now_ms() - devices.config.lease.as_millis() as i64;
+    let nodes = devices.store.nodes().await?;
+    Ok(nodes
+        .into_iter()
+        .map(
+            |n| json!({"node": n.node, "renewed_at": n.renewed_at, "live": n.renewed_at >= cutoff}),
+        )
+        .collect())
 }
 
 fn no_device(id: &str) -> ApiError {

@@ -73,6 +73,13 @@ pub struct DevicesConfig {
     /// idle timeouts from closing it, and finds dead peers).
     #[serde(default = "default_ping", with = "humantime_serde_compat")]
     pub ws_ping: Duration,
+    /// How often this balancer renews its node lease (see lease.rs).
+    #[serde(default = "default_lease_renew", with = "humantime_serde_compat")]
+    pub lease_renew: Duration,
+    /// How long a lease lasts without renewal: after that, other balancers
+    /// take the node for dead and clear the channels recorded for it.
+    #[serde(default = "default_lease", with = "humantime_serde_compat")]
+    pub lease: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -109,6 +116,11 @@ impl DevicesConfig {
         }
         if c.ws_ping.is_zero() {
             anyhow::bail!("ws_ping must be more than 0s");
+        }
+        if c.lease_renew.is_zero() || c.lease < c.lease_renew * 2 {
+            anyhow::bail!(
+                "lease must be at least twice lease_renew (and lease_renew more than 0s)"
+            );
         }
         if c.admin_token.is_some() && c.admin_token_file.is_some() {
             anyhow::bail!("set admin_token or admin_token_file, not both");
@@ -159,6 +171,12 @@ fn default_max_import() -> usize {
 }
 fn default_ping() -> Duration {
     Duration::from_secs(30)
+}
+fn default_lease_renew() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_lease() -> Duration {
+    Duration::from_secs(15)
 }
 
 /// Durations written as humantime strings (`"5m"`, `"10m"`, `"50ms"`).

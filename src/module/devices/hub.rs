@@ -257,6 +257,11 @@ impl Hub {
         self.lock().contains_key(device_id)
     }
 
+    /// The devices whose channel this balancer holds now.
+    pub fn device_ids(&self) -> Vec<Arc<str>> {
+        self.lock().keys().cloned().collect()
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }

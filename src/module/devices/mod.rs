@@ -28,6 +28,7 @@ mod files;
 pub mod heartbeat;
 pub mod http;
 pub mod hub;
+mod lease;
 mod metrics;
 pub mod model;
 mod park;

@@ -50,6 +50,8 @@ pub struct Devices {
     events_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Keeps the heartbeat answers warm (warm.rs).
     warm_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Renews this node's lease (lease.rs).
+    lease_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl Devices {
@@ -100,6 +102,7 @@ impl Devices {
             node,
             events_task: std::sync::Mutex::new(None),
             warm_task: std::sync::Mutex::new(None),
+            lease_task: std::sync::Mutex::new(None),
             config,
         });
         devices.reload_revocations().await?;
@@ -132,6 +135,8 @@ impl Devices {
                 .unwrap_or_else(|p| p.into_inner()) = Some(task);
         }
         *devices.warm_task.lock().unwrap_or_else(|p| p.into_inner()) = super::warm::spawn(&devices);
+        let lease = super::lease::start(&devices).await;
+        *devices.lease_task.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         tracing::info!(module = name, store = devices.store.kind(), node = %devices.node, "devices: ready");
         Ok(devices)
     }
@@ -246,21 +251,10 @@ impl Devices {
 
     pub async fn shutdown(&self) {
         self.hub.close_all("server shutting down");
-        if let Some(t) = self
-            .events_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            t.abort();
-        }
-        if let Some(t) = self
-            .warm_task
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-        {
-            t.abort();
+        for task in [&self.events_task, &self.warm_task, &self.lease_task] {
+            if let Some(t) = task.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                t.abort();
+            }
         }
     }
 }

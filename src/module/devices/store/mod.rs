@@ -222,6 +222,38 @@ pub trait Store: Send + Sync + 'static {
     fn subscribe(&self) -> Option<broadcast::Receiver<StoreEvent>> {
         None
     }
+
+    // Node leases (see lease.rs): a balancer's channels count as live only
+    // while it keeps renewing its lease.
+    /// Renew `node`'s lease at `now`. Returns whether it had lapsed: no
+    /// row (first start, or expired by another node) or a renewal older
+    /// than `lease_ms`, in which case the node's channel rows may have
+    /// been cleared and must be recorded again.
+    fn renew_node(&self, node: String, now: i64, lease_ms: i64)
+        -> BoxFuture<'_, StoreResult<bool>>;
+    /// Expire every other node whose lease is older than `lease_ms` at
+    /// `now`: delete its lease and clear the channels it was recorded as
+    /// holding, in one transaction. Returns each expired node with the
+    /// number of channels cleared.
+    fn expire_nodes(
+        &self,
+        node: String,
+        now: i64,
+        lease_ms: i64,
+    ) -> BoxFuture<'_, StoreResult<Vec<(String, u64)>>>;
+    /// Clear every channel recorded for `node` (a restarted node holds
+    /// none yet); returns how many.
+    fn clear_node_channels(&self, node: String) -> BoxFuture<'_, StoreResult<u64>>;
+    /// Every lease, by node name.
+    fn nodes(&self) -> BoxFuture<'_, StoreResult<Vec<NodeLease>>>;
+}
+
+/// A balancer's lease on its channels.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NodeLease {
+    pub node: String,
+    /// Unix milliseconds, by the renewing balancer's clock.
+    pub renewed_at: i64,
 }
 
 /// Parse a JSON text column; the store wrote it, so failure means damage.

@@ -21,7 +21,7 @@ use tokio_postgres::{AsyncMessage, Config, NoTls, Row};
 use super::pg_pool::{self, Conn, Pool, Tx};
 
 use super::sql::{self, Arg, Columns, Dialect, Statements};
-use super::{check_snapshot, parse_json, Store, StoreError, StoreEvent, StoreResult};
+use super::{check_snapshot, parse_json, NodeLease, Store, StoreError, StoreEvent, StoreResult};
 use crate::module::devices::model::*;
 use crate::module::BoxFuture;
 
@@ -809,6 +809,60 @@ impl Store for PgStore {
 
     fn subscribe(&self) -> Option<broadcast::Receiver<StoreEvent>> {
         Some(self.events.subscribe())
+    }
+
+    fn renew_node(
+        &self,
+        node: String,
+        now: i64,
+        lease_ms: i64,
+    ) -> BoxFuture<'_, StoreResult<bool>> {
+        in_tx!(self, |tx| {
+            let last: Option<i64> = tx
+                .query_opt(&SQL.node_renewed_at, &[&node])
+                .await?
+                .map(|r| r.try_get(0))
+                .transpose()?;
+            tx.execute(&SQL.renew_node, &[&node, &now]).await?;
+            last.is_none_or(|t| t < now - lease_ms)
+        })
+    }
+
+    fn expire_nodes(
+        &self,
+        node: String,
+        now: i64,
+        lease_ms: i64,
+    ) -> BoxFuture<'_, StoreResult<Vec<(String, u64)>>> {
+        in_tx!(self, |tx| {
+            let cutoff = now - lease_ms;
+            let mut out = Vec::new();
+            for r in tx.query(&SQL.expire_nodes, &[&cutoff, &node]).await? {
+                let dead: String = r.try_get(0)?;
+                let n = tx.execute(&SQL.clear_node_channels, &[&dead]).await?;
+                out.push((dead, n));
+            }
+            out
+        })
+    }
+
+    fn clear_node_channels(&self, node: String) -> BoxFuture<'_, StoreResult<u64>> {
+        in_tx!(self, |tx| tx
+            .execute(&SQL.clear_node_channels, &[&node])
+            .await?)
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, StoreResult<Vec<NodeLease>>> {
+        in_tx!(self, |tx| {
+            let mut out = Vec::new();
+            for r in tx.query(&SQL.nodes, &[]).await? {
+                out.push(NodeLease {
+                    node: r.try_get(0)?,
+                    renewed_at: r.try_get(1)?,
+                });
+            }
+            out
+        })
     }
 }
 

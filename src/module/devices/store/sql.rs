@@ -97,6 +97,7 @@ CREATE TABLE IF NOT EXISTS dev_commands (
 );
 CREATE INDEX IF NOT EXISTS dev_commands_pending ON dev_commands(device_id, seq) WHERE acked_at IS NULL;
 CREATE INDEX IF NOT EXISTS dev_commands_device ON dev_commands(device_id, seq);
+CREATE TABLE IF NOT EXISTS dev_nodes (node TEXT PRIMARY KEY, renewed_at {INT} NOT NULL);
 ";
 
 /// The columns [`device`] reads, in its order.
@@ -197,6 +198,18 @@ pub struct Statements {
 
     /// Empties every table (children first), for an import.
     pub clear_all: String,
+
+    /// 1 node: when its lease was last renewed, the row locked so that an
+    /// expiry by another node and this renewal do not interleave.
+    pub node_renewed_at: String,
+    /// 1 node, 2 now.
+    pub renew_node: String,
+    /// 1 cutoff, 2 the calling node (never expired by itself): the nodes
+    /// whose lease ran out, their rows deleted.
+    pub expire_nodes: String,
+    /// 1 node: every channel it is recorded as holding.
+    pub clear_node_channels: String,
+    pub nodes: String,
 }
 
 impl Statements {
@@ -313,6 +326,20 @@ impl Statements {
                  DELETE FROM dev_devices; DELETE FROM dev_groups; DELETE FROM dev_users; \
                  DELETE FROM dev_tokens; DELETE FROM dev_meta;"
                 .into(),
+
+            node_renewed_at: s(&format!(
+                "SELECT renewed_at FROM dev_nodes WHERE node = ?1{}",
+                d.lock("UPDATE")
+            )),
+            renew_node: s("INSERT INTO dev_nodes (node, renewed_at) VALUES (?1, ?2) \
+                 ON CONFLICT (node) DO UPDATE SET renewed_at = excluded.renewed_at"),
+            expire_nodes: s(
+                "DELETE FROM dev_nodes WHERE renewed_at < ?1 AND node <> ?2 RETURNING node",
+            ),
+            clear_node_channels: s(
+                "UPDATE dev_devices SET channel_node = NULL WHERE channel_node = ?1",
+            ),
+            nodes: "SELECT node, renewed_at FROM dev_nodes ORDER BY node".into(),
         }
     }
 }

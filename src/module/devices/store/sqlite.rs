@@ -28,7 +28,7 @@ use rusqlite::{params, params_from_iter, Connection, OptionalExtension, Row, Tra
 use serde_json::Value;
 
 use super::sql::{self, Arg, Columns, Dialect, Statements};
-use super::{check_snapshot, parse_json, Store, StoreError, StoreResult};
+use super::{check_snapshot, parse_json, NodeLease, Store, StoreError, StoreResult};
 use crate::module::devices::model::*;
 use crate::module::BoxFuture;
 
@@ -826,6 +826,59 @@ impl Store for SqliteStore {
                 tx.execute(&SQL.import_command, params_from_iter(sql::command_args(c)))?;
             }
             Ok(())
+        })
+    }
+
+    fn renew_node(
+        &self,
+        node: String,
+        now: i64,
+        lease_ms: i64,
+    ) -> BoxFuture<'_, StoreResult<bool>> {
+        self.write(move |tx| {
+            let last: Option<i64> = tx
+                .query_row(&SQL.node_renewed_at, [&node], |r| r.get(0))
+                .optional()?;
+            tx.execute(&SQL.renew_node, params![node, now])?;
+            Ok(last.is_none_or(|t| t < now - lease_ms))
+        })
+    }
+
+    fn expire_nodes(
+        &self,
+        node: String,
+        now: i64,
+        lease_ms: i64,
+    ) -> BoxFuture<'_, StoreResult<Vec<(String, u64)>>> {
+        self.write(move |tx| {
+            let dead = {
+                let mut st = tx.prepare_cached(&SQL.expire_nodes)?;
+                let names = st.query_map(params![now - lease_ms, node], |r| r.get(0))?;
+                names.collect::<Result<Vec<String>, _>>()?
+            };
+            let mut out = Vec::new();
+            for d in dead {
+                let n = tx.execute(&SQL.clear_node_channels, [&d])?;
+                out.push((d, n as u64));
+            }
+            Ok(out)
+        })
+    }
+
+    fn clear_node_channels(&self, node: String) -> BoxFuture<'_, StoreResult<u64>> {
+        self.write(move |tx| Ok(tx.execute(&SQL.clear_node_channels, [&node])? as u64))
+    }
+
+    fn nodes(&self) -> BoxFuture<'_, StoreResult<Vec<NodeLease>>> {
+        self.read(|tx| {
+            let mut st = tx.prepare_cached(&SQL.nodes)?;
+            let rows = st.query_map([], |r| {
+                Ok(NodeLease {
+                    node: r.get(0)?,
+                    renewed_at: r.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
         })
     }
 }

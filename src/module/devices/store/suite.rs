@@ -3,7 +3,7 @@
 
 use serde_json::json;
 
-use super::{Store, StoreError};
+use super::{NodeLease, Store, StoreError};
 use crate::module::devices::model::*;
 
 fn token(id: &str, secret: &str, expires_at: i64, uses: i64) -> EnrolToken {
@@ -78,6 +78,7 @@ pub(crate) async fn run_all(store: &dyn Store) {
     tokens_and_enrolment(store).await;
     devices_groups_and_search(store).await;
     contacts_sessions_and_channels(store).await;
+    node_leases(store).await;
     settings_inputs(store).await;
     commands(store).await;
     revocation(store).await;
@@ -392,6 +393,60 @@ async fn contacts_sessions_and_channels(s: &dyn Store) {
         s.device("d2".into()).await.unwrap().unwrap().channel_node,
         None
     );
+}
+
+/// A node that stops renewing its lease loses its channels to the first
+/// other node that sees the lease expired; one that comes back learns
+/// that its lease lapsed, so that it records its channels again.
+async fn node_leases(s: &dyn Store) {
+    async fn node(s: &dyn Store, d: &str) -> Option<String> {
+        s.device(d.to_string()).await.unwrap().unwrap().channel_node
+    }
+    const LEASE: i64 = 15_000;
+    // First renewals: no lease before, so "lapsed".
+    assert!(s.renew_node("lb-a".into(), 100_000, LEASE).await.unwrap());
+    assert!(s.renew_node("lb-b".into(), 100_000, LEASE).await.unwrap());
+    // A renewal within the lease has not lapsed.
+    assert!(!s.renew_node("lb-a".into(), 105_000, LEASE).await.unwrap());
+    s.set_channel("d1".into(), "lb-a".into(), true)
+        .await
+        .unwrap();
+    s.set_channel("d2".into(), "lb-b".into(), true)
+        .await
+        .unwrap();
+
+    // lb-b is silent; at 114 s its lease (renewed at 100 s) still holds.
+    s.renew_node("lb-a".into(), 114_000, LEASE).await.unwrap();
+    assert_eq!(
+        s.expire_nodes("lb-a".into(), 114_000, LEASE).await.unwrap(),
+        []
+    );
+    assert_eq!(node(s, "d2").await.as_deref(), Some("lb-b"));
+    // At 116 s it has run out: lb-b's channel is cleared, lb-a's kept,
+    // and a node never expires itself, however late its own renewal.
+    assert_eq!(
+        s.expire_nodes("lb-a".into(), 116_000, LEASE).await.unwrap(),
+        [("lb-b".to_string(), 1)]
+    );
+    assert_eq!(node(s, "d2").await, None);
+    assert_eq!(node(s, "d1").await.as_deref(), Some("lb-a"));
+    assert_eq!(
+        s.expire_nodes("lb-a".into(), 500_000, LEASE).await.unwrap(),
+        []
+    );
+    assert_eq!(
+        s.nodes().await.unwrap(),
+        [NodeLease {
+            node: "lb-a".into(),
+            renewed_at: 114_000
+        }]
+    );
+    // lb-b was only stalled: its next renewal says the lease lapsed.
+    assert!(s.renew_node("lb-b".into(), 117_000, LEASE).await.unwrap());
+    // A restarted lb-a holds no channel yet.
+    assert_eq!(s.clear_node_channels("lb-a".into()).await.unwrap(), 1);
+    assert_eq!(node(s, "d1").await, None);
+    assert_eq!(s.nodes().await.unwrap().len(), 2);
 }
 
 async fn settings_inputs(s: &dyn Store) {
