@@ -57,7 +57,7 @@ const PORT: u16 = 7000;
 const ADMIN: &str = "127.0.0.1:9900";
 /// Long enough for the address to move while a held connection keeps the
 /// draining process alive.
-const DRAIN_TIMEOUT: &str = "10s";
+const DRAIN_TIMEOUT: &str = "5s";
 /// Every process the test starts runs under `timeout`, so even a killed
 /// test run leaves nothing running for long.
 const PROCESS_LIFETIME: &str = "120";
@@ -161,7 +161,7 @@ fn drop_block(text: &str, head: &str) -> String {
 ///   111" and never hears of an exit), and both balancers share one
 ///   process namespace here, so each would also count the other's
 ///   fleetgate.
-fn keepalived_config(n: usize, priority: u8) -> String {
+fn keepalived_config(n: usize, priority: u8, dir: &Path) -> String {
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/keepalived.conf"))
             .unwrap();
@@ -178,8 +178,18 @@ fn keepalived_config(n: usize, priority: u8) -> String {
         "http://127.0.0.1:9900/healthz",
         &format!("http://{ADMIN}/healthz"),
     );
+    let c = edit(
+        &c,
+        "file \"/etc/keepalived/fleetgate.maintenance\"",
+        &format!("file \"{}\"", maintenance_file(dir, n).display()),
+    );
     let c = drop_block(&c, "vrrp_track_process fleetgate_process {");
     drop_block(&c, "track_process {")
+}
+
+/// Balancer `n`'s maintenance flag (the shipped file's track_file).
+fn maintenance_file(dir: &Path, n: usize) -> std::path::PathBuf {
+    dir.join(format!("lb{n}.maintenance"))
 }
 
 /// `keepalived -t`: the configuration made from the shipped one parses
@@ -268,8 +278,9 @@ fn kind(e: &std::io::Error) -> String {
     format!("{:?}", e.kind())
 }
 
-/// What the client saw: (time since the test's start, answer or error).
-type Log = Arc<Mutex<Vec<(Duration, Result<String, String>)>>>;
+/// What the client saw: (when the request started, counted from the
+/// test's start; how long it took; the answer or the error).
+type Log = Arc<Mutex<Vec<(Duration, Duration, Result<String, String>)>>>;
 
 /// The client, from its namespace: a request every 10 ms until `stop`.
 fn start_client(ns: &str, t0: Instant, stop: Arc<AtomicBool>) -> (Log, thread::JoinHandle<()>) {
@@ -279,8 +290,9 @@ fn start_client(ns: &str, t0: Instant, stop: Arc<AtomicBool>) -> (Log, thread::J
         enter(&path);
         let started = Instant::now();
         while !stop.load(Ordering::SeqCst) && started.elapsed() < Duration::from_secs(100) {
+            let (at, began) = (t0.elapsed(), Instant::now());
             let r = request();
-            log2.lock().unwrap().push((t0.elapsed(), r));
+            log2.lock().unwrap().push((at, began.elapsed(), r));
             thread::sleep(Duration::from_millis(10));
         }
     });
@@ -289,9 +301,10 @@ fn start_client(ns: &str, t0: Instant, stop: Arc<AtomicBool>) -> (Log, thread::J
 
 /// The client's view of one move, from `since`: failures until the first
 /// answer from `to`, when the first failure and that answer came, and the
-/// answers from another backend in between.
+/// answers from another backend in between, and the slowest request.
 struct Move {
     failures: usize,
+    slowest: Duration,
     kinds: Vec<(String, usize)>,
     first_failure: Option<Duration>,
     served_again: Option<Duration>,
@@ -302,12 +315,14 @@ fn client_move(log: &Log, since: Duration, to: &str) -> Move {
     let log = log.lock().unwrap();
     let mut m = Move {
         failures: 0,
+        slowest: Duration::ZERO,
         kinds: Vec::new(),
         first_failure: None,
         served_again: None,
         other_answers: 0,
     };
-    for (t, r) in log.iter().filter(|(t, _)| *t >= since) {
+    for (t, took, r) in log.iter().filter(|(t, _, _)| *t >= since) {
+        m.slowest = m.slowest.max(*took);
         match r {
             Ok(name) if name == to => {
                 m.served_again = Some(*t);
@@ -330,12 +345,29 @@ fn client_move(log: &Log, since: Duration, to: &str) -> Move {
 fn answers_from(log: &Log, name: &str, since: Duration) -> usize {
     let log = log.lock().unwrap();
     log.iter()
-        .filter(|(t, r)| *t >= since && r.as_deref().is_ok_and(|n| n == name))
+        .filter(|(t, _, r)| *t >= since && r.as_deref().is_ok_and(|n| n == name))
         .count()
 }
 
 fn count(text: &str, what: &str) -> usize {
     text.matches(what).count()
+}
+
+/// Start balancer `lb`'s fleetgate again and wait until its keepalived
+/// (`ka`) is the backup once more (its health check has risen).
+fn rejoin(lab: &Lab, lb: usize, dir: &Path, ka: &NsProcess) -> NsProcess {
+    let before = count(&ka.log(), "Entering BACKUP STATE");
+    let p = start_balancer(lab, lb, dir, "-restarted");
+    let rejoined = wait_for(Duration::from_secs(20), || {
+        count(&ka.log(), "Entering BACKUP STATE") > before
+    });
+    assert!(
+        rejoined.is_some(),
+        "lb{}'s keepalived did not become the backup again:\n{}",
+        lb + 1,
+        ka.log()
+    );
+    p
 }
 
 #[test]
@@ -414,7 +446,7 @@ fn a_virtual_address_follows_the_healthy_balancer() {
             let conf = common::write(
                 dir.path(),
                 &format!("keepalived-lb{n}.conf"),
-                &keepalived_config(n, priority),
+                &keepalived_config(n, priority, dir.path()),
             );
             keepalived_check(&conf);
             let pid = |what: &str| dir.path().join(format!("keepalived-lb{n}-{what}.pid"));
@@ -494,7 +526,7 @@ fn a_virtual_address_follows_the_healthy_balancer() {
     eprintln!(
         "FIGURE keepalived: kill -9 of the master's fleetgate (lb{}): the address on lb{} after \
          {:.0} ms; the client (a new connection every 10 ms, {} ms timeout) had {} failed \
-         requests {:?}, first failure -> first answer from lb{}: {:.0} ms",
+         requests {:?}, first failure -> first answer from lb{}: {:.0} ms, slowest request {:.0} ms",
         master + 1,
         backup + 1,
         ms(moved.unwrap()),
@@ -503,22 +535,13 @@ fn a_virtual_address_follows_the_healthy_balancer() {
         crash.kinds,
         backup + 1,
         gap(&crash),
+        ms(crash.slowest),
     );
 
     // 2. The crashed balancer comes back: it becomes the backup and the
     // address stays where it is (nopreempt: moving it back would cut the
     // connections through it once more).
-    let backups_before = count(&keepalived[master].log(), "Entering BACKUP STATE");
-    balancers[master] = start_balancer(&lab, master, dir.path(), "-restarted");
-    let rejoined = wait_for(Duration::from_secs(20), || {
-        count(&keepalived[master].log(), "Entering BACKUP STATE") > backups_before
-    });
-    assert!(
-        rejoined.is_some(),
-        "lb{}'s keepalived did not become the backup again:\n{}",
-        master + 1,
-        keepalived[master].log()
-    );
+    balancers[master] = rejoin(&lab, master, dir.path(), &keepalived[master]);
     // Three advert intervals: a preempting backup would have taken it.
     thread::sleep(Duration::from_secs(3));
     assert_eq!(
@@ -607,7 +630,7 @@ fn a_virtual_address_follows_the_healthy_balancer() {
     eprintln!(
         "FIGURE keepalived: SIGTERM (drain) on lb{}: /healthz 503 after {}, its listener closed \
          after {}, the address on lb{} after {}; the client had {} failed requests {:?}, \
-         first failure -> first answer from lb{}: {:.0} ms; the connection held through the \
+         first failure -> first answer from lb{}: {:.0} ms, slowest request {:.0} ms; the connection held through the \
          address during the move: {held_after}",
         master + 1,
         at(draining_seen),
@@ -618,6 +641,82 @@ fn a_virtual_address_follows_the_healthy_balancer() {
         drain.kinds,
         backup + 1,
         gap(&drain),
+        ms(drain.slowest),
+    );
+
+    // 4. Planned maintenance as the shipped file describes it: with the
+    // drained balancer back, the master gives the address up through its
+    // maintenance file first, and fleetgate is stopped after the move.
+    assert!(
+        balancers[master]
+            .wait_exit(Duration::from_secs(15))
+            .is_some(),
+        "lb{} did not finish its drain",
+        master + 1
+    );
+    balancers[master] = rejoin(&lab, master, dir.path(), &keepalived[master]);
+    let (master, backup) = (backup, master);
+    let flagged = t0.elapsed();
+    std::fs::write(maintenance_file(dir.path(), master + 1), "1\n").unwrap();
+    let moved = wait_for(RECOVERY_BOUND, || vip_holder(&lab) == Some(backup));
+    assert!(
+        moved.is_some(),
+        "{VIP} did not move to lb{} when lb{} was put in maintenance:\n{}",
+        backup + 1,
+        master + 1,
+        ka_logs()
+    );
+    let served = wait_for(RECOVERY_BOUND, || {
+        client_move(&log, flagged, names[backup])
+            .served_again
+            .is_some()
+    });
+    assert!(
+        served.is_some(),
+        "the client was not served by lb{} again after the maintenance flag",
+        backup + 1
+    );
+    let planned = client_move(&log, flagged, names[backup]);
+    let stopped = t0.elapsed();
+    balancers[master].terminate();
+    let exit = balancers[master].wait_exit(Duration::from_secs(15));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "lb{} after SIGTERM: {exit:?}",
+        master + 1
+    );
+    // Requests keep going to lb{backup} while the other one stops.
+    let after = t0.elapsed();
+    assert!(
+        wait_for(Duration::from_secs(5), || answers_from(
+            &log,
+            names[backup],
+            after
+        ) >= 20)
+        .is_some(),
+        "the client is not served by lb{} after lb{} stopped",
+        backup + 1,
+        master + 1
+    );
+    let failed_during_stop = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(t, _, r)| *t >= stopped && r.is_err())
+        .count();
+    eprintln!(
+        "FIGURE keepalived: maintenance flag on lb{}: the address on lb{} after {:.0} ms; the \
+         client had {} failed requests {:?}, first failure -> first answer from lb{}: {:.0} ms, slowest request {:.0} ms; \
+         then SIGTERM to lb{} (holding no address): {failed_during_stop} failed requests",
+        master + 1,
+        backup + 1,
+        ms(moved.unwrap()),
+        planned.failures,
+        planned.kinds,
+        backup + 1,
+        gap(&planned),
+        ms(planned.slowest),
+        master + 1,
     );
 
     stop.store(true, Ordering::SeqCst);
