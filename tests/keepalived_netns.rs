@@ -23,7 +23,12 @@
 //!    balancer and the client is served by it again.
 //! 2. The crashed balancer comes back: the address stays (nopreempt).
 //! 3. SIGTERM to the new master (drain): /healthz answers 503, the address
-//!    moves back, the client is served again.
+//!    moves back, the client is served again. fleetgate closes its
+//!    listeners as the drain starts, so the figures show the connections
+//!    refused until keepalived has seen the check fail.
+//! 4. Planned maintenance as the shipped file describes it: the drained
+//!    balancer is back, the master's maintenance flag moves the address,
+//!    then the master gets SIGTERM.
 //!
 //! Only correctness is asserted; the figures (failed requests, the gap
 //! the client saw) are printed as FIGURE lines.
