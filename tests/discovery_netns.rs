@@ -29,12 +29,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -43,8 +38,13 @@ use std::time::{Duration, Instant};
 use common::discovery::{
     eligible_addrs, generate_token, ms, pool_members, status, status_node, CLUSTER, POOL,
 };
+use common::netns::{
+    enter, in_ns, preflight, remove_stale_namespaces, run_ip, wait_for, Lab, NsProcess,
+};
 use common::{http_ask, http_get};
 
+/// Namespaces are named `fgdisc-PID-HOST`.
+const PREFIX: &str = "fgdisc";
 const SUBNET: &str = "198.51.100";
 const SERVICE: &str = "ums-http";
 const SERVER_PORT: u16 = 8443;
@@ -106,220 +106,6 @@ s.close()
 print("stopped", flush=True)
 "#;
 
-fn run_ip(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run `ip` (install iproute2): {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A network namespace made by the test; deleted on drop (also on panic).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn add(name: String) -> Netns {
-        run_ip(&["netns", "add", &name]);
-        let ns = Netns { name };
-        run_ip(&["-n", &ns.name, "link", "set", "lo", "up"]);
-        ns
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-/// Namespaces left by an earlier run of this test that was killed before
-/// its guards ran (the name ends in the run's pid, which is gone).
-fn remove_stale_namespaces() {
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or("");
-        let Some(rest) = name.strip_prefix("fgdisc-") else {
-            continue;
-        };
-        let pid = rest.split('-').next().unwrap_or("");
-        if !pid.is_empty() && !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
-/// The segment: a bridge in its own namespace and one namespace per host.
-/// Field order is drop order: hosts go before the bridge.
-struct Lab {
-    hosts: Vec<(Netns, String)>,
-    _bridge: Netns,
-}
-
-impl Lab {
-    /// `hosts`: (short name, last octet of its address).
-    fn build(hosts: &[(&str, u8)]) -> Lab {
-        let run = std::process::id();
-        let bridge = Netns::add(format!("fgdisc-{run}-br"));
-        let br = bridge.name.clone();
-        run_ip(&["-n", &br, "link", "add", "br0", "type", "bridge"]);
-        run_ip(&["-n", &br, "link", "set", "br0", "up"]);
-        let mut made = Vec::new();
-        for &(short, octet) in hosts {
-            let ns = Netns::add(format!("fgdisc-{run}-{short}"));
-            let port = format!("p-{short}");
-            // Both ends are born in the bridge's namespace; one moves to
-            // the host and becomes its eth0.
-            run_ip(&[
-                "-n", &br, "link", "add", &port, "type", "veth", "peer", "name", "eth0",
-            ]);
-            run_ip(&["-n", &br, "link", "set", "eth0", "netns", &ns.name]);
-            run_ip(&["-n", &br, "link", "set", &port, "master", "br0"]);
-            run_ip(&["-n", &br, "link", "set", &port, "up"]);
-            let cidr = format!("{SUBNET}.{octet}/24");
-            run_ip(&[
-                "-n", &ns.name, "addr", "add", &cidr, "brd", "+", "dev", "eth0",
-            ]);
-            run_ip(&["-n", &ns.name, "link", "set", "eth0", "up"]);
-            made.push((ns, format!("{SUBNET}.{octet}")));
-        }
-        Lab {
-            hosts: made,
-            _bridge: bridge,
-        }
-    }
-
-    fn ns(&self, i: usize) -> &str {
-        &self.hosts[i].0.name
-    }
-
-    fn addr(&self, i: usize) -> &str {
-        &self.hosts[i].1
-    }
-}
-
-/// A process started in a namespace (`ip netns exec NS timeout ... 90 ...`),
-/// in its own process group; the group is killed on drop and the log is
-/// shown if the test failed.
-struct NsProcess {
-    what: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl NsProcess {
-    fn spawn(ns: &str, what: &str, dir: &Path, program: &str, args: &[&str]) -> NsProcess {
-        let log = dir.join(format!("{what}.log"));
-        let out = File::create(&log).unwrap();
-        let child = Command::new("ip")
-            // --foreground: timeout passes a signal to the program once
-            // (otherwise it also signals its process group, and a second
-            // SIGTERM cuts an agent's drain short).
-            .args(["netns", "exec", ns, "timeout", "--foreground", "-k", "5"])
-            .arg(PROCESS_LIFETIME)
-            .arg(program)
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {what} in {ns}: {e}"));
-        NsProcess {
-            what: what.into(),
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// SIGTERM to `timeout`, which passes it on to the program.
-    fn terminate(&self) {
-        // SAFETY: kill(2) on our own child's pid.
-        let rc = unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        assert_eq!(rc, 0, "kill -TERM {}", self.what);
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return Some(s);
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-        None
-    }
-}
-
-impl Drop for NsProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            // SAFETY: kill(2) on the process group we created for this child.
-            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-            let _ = self.child.wait();
-        }
-        if thread::panicking() {
-            eprintln!("--- {} log ---\n{}--- end ---", self.what, self.log());
-        }
-    }
-}
-
-/// Run `f` on a thread that has entered namespace `ns` (a thread's network
-/// namespace is its own: the rest of the test is not affected). Sockets
-/// made there stay in that namespace.
-fn in_ns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/var/run/netns/{ns}");
-    let handle = thread::spawn(move || {
-        enter(&path);
-        f()
-    });
-    match handle.join() {
-        Ok(v) => v,
-        Err(panic) => std::panic::resume_unwind(panic),
-    }
-}
-
-fn enter(ns_path: &str) {
-    let file = File::open(ns_path).unwrap_or_else(|e| panic!("{ns_path}: {e}"));
-    // SAFETY: setns(2) on an open namespace file; affects this thread only.
-    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(
-        rc,
-        0,
-        "setns {ns_path}: {}",
-        std::io::Error::last_os_error()
-    );
-}
-
-/// Poll `cond` every 5 ms for up to `within`; the time it took.
-fn wait_for(within: Duration, mut cond: impl FnMut() -> bool) -> Option<Duration> {
-    let t0 = Instant::now();
-    loop {
-        if cond() {
-            return Some(t0.elapsed());
-        }
-        if t0.elapsed() > within {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-}
-
 fn front() -> SocketAddr {
     FRONT.parse().unwrap()
 }
@@ -375,44 +161,21 @@ fn on_each_balancer(
     ))
 }
 
-/// Preconditions; false means skip (not root, outside CI).
-fn preflight() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    if !root {
-        assert!(
-            !ci,
-            "CI=true but not root: this test needs root for network namespaces"
-        );
-        eprintln!("SKIPPED discovery_netns: needs root to create network namespaces");
-        return false;
-    }
-    for (tool, arg, package) in [
-        ("ip", "-V", "iproute2"),
-        ("python3", "--version", "python3"),
-        ("timeout", "--version", "coreutils"),
-    ] {
-        let ok = Command::new(tool)
-            .arg(arg)
-            .output()
-            .is_ok_and(|o| o.status.success());
-        assert!(ok, "`{tool}` is missing: apt-get install {package}");
-    }
-    true
-}
-
 #[test]
 fn two_agents_and_two_balancers_find_each_other_by_broadcast() {
-    if !preflight() {
+    if !preflight("discovery_netns", &[("python3", "--version", "python3")]) {
         return;
     }
-    remove_stale_namespaces();
+    remove_stale_namespaces(PREFIX);
     let dir = tempfile::tempdir().unwrap();
     let (token_path, _) = generate_token(dir.path());
     let bin = env!("CARGO_BIN_EXE_fleetgate");
     // Hosts 0, 1: management servers with agents; 2, 3: balancers.
-    let lab = Lab::build(&[("a1", 11), ("a2", 12), ("lb1", 21), ("lb2", 22)]);
+    let lab = Lab::build(
+        PREFIX,
+        SUBNET,
+        &[("a1", 11), ("a2", 12), ("lb1", 21), ("lb2", 22)],
+    );
     // Agent 2 uses the limited broadcast, which leaves by the default
     // route's interface.
     run_ip(&["-n", lab.ns(1), "route", "add", "default", "dev", "eth0"]);
@@ -428,6 +191,7 @@ fn two_agents_and_two_balancers_find_each_other_by_broadcast() {
                 lab.ns(i),
                 &format!("server-{}", i + 1),
                 dir.path(),
+                PROCESS_LIFETIME,
                 "python3",
                 &["-c", SERVER, &port, names[i], PROCESS_LIFETIME],
             )
@@ -483,6 +247,7 @@ retries = 2
                 lab.ns(i),
                 &format!("balancer-{}", i - 1),
                 dir.path(),
+                PROCESS_LIFETIME,
                 bin,
                 &["run", "-c", lb_path],
             )
@@ -530,6 +295,7 @@ check = {{ kind = "tcp" }}
                 lab.ns(i),
                 &format!("agent-{}", i + 1),
                 dir.path(),
+                PROCESS_LIFETIME,
                 bin,
                 &["agent", "-c", path.to_str().unwrap()],
             )

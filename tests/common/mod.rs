@@ -5,6 +5,7 @@
 pub mod devices;
 pub mod discovery;
 pub mod live;
+pub mod netns;
 pub mod pg;
 pub mod pki;
 pub mod web;
