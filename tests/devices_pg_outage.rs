@@ -466,6 +466,22 @@ async fn balancers_ride_out_a_postgres_outage() {
         delivered(&channels[i], id, Duration::from_secs(30)).await;
     }
     let pending_after = secs(resumed, now_ms());
+    // Their channels could not be recorded then; they are now.
+    for (i, id) in ids.iter().enumerate().take(LATE) {
+        let t0 = Instant::now();
+        loop {
+            let d = a
+                .admin
+                .expect(200, "GET", &format!("devices/{id}"), None)
+                .await
+                .unwrap();
+            if d["channel_node"] == "a" {
+                break;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(30), "device {i}: {d}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     // And commands cross both ways as before.
     let (s, c) = a.queue(&ids[other], "after").await;
     assert_eq!(s, 201, "{c}");
