@@ -175,6 +175,9 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// When (unix ms) and each balancer's RSS (KiB).
+type RssSample = (i64, [u64; 2]);
+
 /// One heartbeat as the device saw it.
 struct Beat {
     side: usize,
@@ -350,7 +353,7 @@ async fn balancers_ride_out_a_postgres_outage() {
     }
     eprintln!("{} channels open", holders.len());
 
-    let rss: Arc<Mutex<Vec<(i64, [u64; 2])>>> = Arc::default();
+    let rss: Arc<Mutex<Vec<RssSample>>> = Arc::default();
     let sampler = {
         let (rss, pids) = (rss.clone(), [a.lb.pid(), b.lb.pid()]);
         tokio::spawn(async move {

@@ -153,9 +153,11 @@ async fn check(config: &Config, client: &mut Option<Client>) -> Result<(), Strin
 }
 
 /// Throw-away PostgreSQL servers (shared with the integration tests): the
-/// test below starts one of its own, to stop and start again.
+/// test below starts one of its own, to stop and start again. The store
+/// tests include the same file for the shared server; only `PgServer` is
+/// used here, so the two copies share nothing at run time.
 #[cfg(test)]
-#[allow(dead_code)]
+#[allow(dead_code, clippy::duplicate_mod)]
 #[path = "../../../tests/common/pg.rs"]
 mod test_pg;
 
