@@ -637,3 +637,47 @@ async fn balancers_ride_out_a_postgres_outage() {
         h.abort();
     }
 }
+
+/// The module as the status document shows it.
+fn module_status(lb: &Balancer) -> Value {
+    let r = block_in_place(|| http_get(lb.admin, "/status")).unwrap();
+    let (_, body) = r.split_once("\r\n\r\n").unwrap();
+    let doc: Value = serde_json::from_str(body).unwrap();
+    doc["modules"][0].clone()
+}
+
+/// With `required = false` the balancer stays healthy for its other
+/// routes while the module's database is gone; the status document still
+/// says the module is not ready, and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_is_not_required_leaves_the_balancer_healthy() {
+    let pg = block_in_place(PgServer::start);
+    let dir = tempfile::tempdir().unwrap();
+    let text = config(free_addr(), dir.path(), "solo", &pg.url()).replace(
+        "kind = \"devices\"\n",
+        "kind = \"devices\"\nrequired = false\n",
+    );
+    let lb = block_in_place(|| Balancer::start(&text));
+    let m = module_status(&lb);
+    assert_eq!((&m["ready"], &m["required"]), (&json!(true), &json!(false)));
+
+    block_in_place(|| pg.stop());
+    let t0 = Instant::now();
+    while module_status(&lb)["ready"] != false {
+        assert!(t0.elapsed() < Duration::from_secs(10), "still ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(module_status(&lb)["not_ready_reason"], UNAVAILABLE);
+    let r = block_in_place(|| http_get(lb.admin, "/healthz")).unwrap();
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("\r\n\r\nok\n"),
+        "{r}"
+    );
+
+    block_in_place(|| pg.resume());
+    let t0 = Instant::now();
+    while module_status(&lb)["ready"] != true {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never ready again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
