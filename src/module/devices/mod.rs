@@ -57,6 +57,16 @@ impl DevicesModule {
     pub fn devices(&self) -> &Arc<Devices> {
         &self.devices
     }
+
+    /// A 503 is the API's answer to a storage failure: have the store's
+    /// reachability checked now, so that `/healthz` follows within a
+    /// round trip rather than at the probe's next tick.
+    fn watch(&self, resp: Response<Body>) -> Response<Body> {
+        if resp.status() == hyper::StatusCode::SERVICE_UNAVAILABLE {
+            self.readiness.suspect();
+        }
+        resp
+    }
 }
 
 impl Module for DevicesModule {
@@ -104,18 +114,6 @@ impl Module for DevicesModule {
     fn shutdown(&self) -> BoxFuture<'_, ()> {
         self.readiness.stop();
         Box::pin(self.devices.shutdown())
-    }
-}
-
-impl DevicesModule {
-    /// A 503 is the API's answer to a storage failure: have the store's
-    /// reachability checked now, so that `/healthz` follows within a
-    /// round trip rather than at the probe's next tick.
-    fn watch(&self, resp: Response<Body>) -> Response<Body> {
-        if resp.status() == hyper::StatusCode::SERVICE_UNAVAILABLE {
-            self.readiness.suspect();
-        }
-        resp
     }
 }
 
