@@ -141,12 +141,37 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/healthz") if rt.drain.is_started() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
-        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/healthz") => match not_ready(rt) {
+            Some(why) => Response::builder()
+                .status(StatusCode::SERVICE_UNAVAILABLE)
+                .header("content-type", "text/plain; charset=utf-8")
+                .body(Full::new(Bytes::from(why)))
+                .expect("static response"),
+            None => text(StatusCode::OK, "ok\n"),
+        },
         (_, "/" | "/metrics" | "/healthz" | "/status") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// Why the balancer is not ready, one `NAME: reason` line per required
+/// module that cannot do its work (its database is out of reach): it
+/// would answer its clients with errors, so a health checker in front
+/// should send them to a balancer that can serve them. `None`: ready.
+fn not_ready(rt: &Runtime) -> Option<String> {
+    let plan = rt.plan();
+    let why: String = plan
+        .modules
+        .iter()
+        .filter(|m| m.required)
+        .filter_map(|m| {
+            let reason = rt.modules.get(&m.name)?.ready().err()?;
+            Some(format!("{}: {reason}\n", m.name))
+        })
+        .collect();
+    (!why.is_empty()).then_some(why)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -94,6 +94,10 @@ pub struct ModulePlan {
     pub name: String,
     pub kind: String,
     pub config: toml::Value,
+    /// `required` (default true): while the module is not ready
+    /// (`Module::ready`), the balancer is not healthy (`/healthz` 503).
+    /// `false` for a module the balancer's other work does not need.
+    pub required: bool,
     /// Shared with the listeners whose `client_ca` is this module's CA;
     /// handed to the module at start (`ModuleEnv::revocations`).
     pub revocations: crate::tls::revocation::RevocationList,

@@ -71,6 +71,16 @@ pub fn validate(
                 "must be a table",
             ));
         }
+        let required = match table.get("required") {
+            None => true,
+            Some(toml::Value::Boolean(r)) => *r,
+            Some(_) => {
+                return Err(SemanticError::new(
+                    key_path!["module", name.as_str(), "required"],
+                    "required must be true or false",
+                ))
+            }
+        };
         if !kinds.contains(&kind.as_str()) {
             return Err(SemanticError::new(
                 key_path!["module", name.as_str()],
@@ -94,6 +104,7 @@ pub fn validate(
             name: name.clone(),
             kind,
             config: table.clone(),
+            required,
             revocations,
         });
     }
@@ -854,10 +865,30 @@ fn per_source(
 }
 
 #[cfg(test)]
+mod module_tests {
+    use std::path::Path;
+
+    #[test]
+    fn modules_are_required_unless_told_otherwise() {
+        let plan = |extra: &str| {
+            let text = format!(
+                "{}[module.devices]\nkind = \"devices\"\n{extra}",
+                super::control_socket_tests::BASE
+            );
+            crate::config::parse(&text, Path::new("/etc/fg/f.toml"))
+        };
+        assert!(plan("").unwrap().modules[0].required);
+        assert!(!plan("required = false").unwrap().modules[0].required);
+        let e = plan("required = \"no\"").unwrap_err();
+        assert_eq!(e.key.as_str(), "module.devices.required", "{e}");
+    }
+}
+
+#[cfg(test)]
 mod control_socket_tests {
     use std::path::Path;
 
-    const BASE: &str = "[[pool]]\nname = \"p\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nmode = \"tcp\"\npool = \"p\"\n";
+    pub(super) const BASE: &str = "[[pool]]\nname = \"p\"\nbackends = [{ address = \"127.0.0.1:9\" }]\n\n[[listener]]\nname = \"l\"\nbind = \"127.0.0.1:1\"\nmode = \"tcp\"\npool = \"p\"\n";
 
     #[test]
     fn the_control_socket_defaults_to_the_data_dir_and_fits_a_socket_address() {

@@ -57,6 +57,17 @@ pub trait Module: Send + Sync + 'static {
         Box::pin(async { None })
     }
 
+    /// Whether the module can do its work now: `Err(reason)` while
+    /// something it depends on is out of reach (the devices module's
+    /// database). While a module that is `required` (the default, see
+    /// `ModulePlan::required`) is not ready, `/healthz` answers 503 with
+    /// `NAME: reason`, so that a health checker in front moves the
+    /// traffic to a balancer that can serve it; the status page shows it
+    /// either way. Called on every health check: answer from memory.
+    fn ready(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Called once when the graceful shutdown starts: close the module's
     /// long-lived streams (WebSockets), spreading the closes over
     /// `spread` so that clients do not all reconnect at once, and return

@@ -1,6 +1,7 @@
 //! What the admin listener shows of the running balancer: the `/status`
 //! JSON document (listeners, pools with their backends and states, the
-//! nodes discovery knows, the certificates in use, the modules, the
+//! nodes discovery knows, the certificates in use, the modules (with
+//! whether each can do its work, `Module::ready`), the
 //! configuration and the last reload) and the HTML page at `/` made from
 //! the same document.
 
@@ -141,11 +142,18 @@ pub async fn document(rt: &Runtime) -> Value {
         .collect();
     let mut modules = Vec::new();
     for m in &plan.modules {
-        let status = match rt.modules.get(&m.name) {
-            Some(module) => module.status().await,
-            None => None,
+        let (status, ready) = match rt.modules.get(&m.name) {
+            Some(module) => (module.status().await, module.ready()),
+            None => (None, Ok(())),
         };
-        modules.push(json!({ "name": m.name, "kind": m.kind, "status": status }));
+        modules.push(json!({
+            "name": m.name,
+            "kind": m.kind,
+            "status": status,
+            "required": m.required,
+            "ready": ready.is_ok(),
+            "not_ready_reason": ready.err(),
+        }));
     }
     let reload = rt.status.last_reload().map(|r| {
         json!({

@@ -367,8 +367,23 @@ fn modules(h: &mut String, doc: &Value) {
         h.push_str("<p class=\"muted\">No modules.</p></section>");
         return;
     }
-    h.push_str("<table><tr><th>Name</th><th>Kind</th><th>Status</th></tr>");
+    h.push_str("<table><tr><th>Name</th><th>Kind</th><th>Ready</th><th>Status</th></tr>");
     for m in modules {
+        // A required module that is not ready makes `/healthz` fail.
+        let (class, ready) = match m["ready"].as_bool() {
+            Some(false) => (
+                if m["required"] == false {
+                    ""
+                } else {
+                    " class=\"down\""
+                },
+                format!(
+                    "<span class=\"bad\">no: {}</span>",
+                    t(&m["not_ready_reason"])
+                ),
+            ),
+            _ => ("", "<span class=\"ok\">yes</span>".to_string()),
+        };
         let status = match m["status"].as_object() {
             None => "—".to_string(),
             Some(o) => o
@@ -379,7 +394,7 @@ fn modules(h: &mut String, doc: &Value) {
         };
         let _ = write!(
             h,
-            "<tr data-module=\"{name}\"><td>{name}</td><td>{}</td><td>{status}</td></tr>",
+            "<tr data-module=\"{name}\"{class}><td>{name}</td><td>{}</td><td>{ready}</td><td>{status}</td></tr>",
             t(&m["kind"]),
             name = t(&m["name"]),
         );
@@ -400,17 +415,22 @@ mod tests {
             "listeners": [{"name": "a\"><script>alert(1)</script>", "mode": "tcp", "bind": "1", "pools": ["p&q"]}],
             "pools": [{"name": "p'x", "algorithm": "R", "backends": [{"address": "<u>", "up": false, "reason": "x<y", "role": "primary"}]}],
             "certificates": [{"listener": "<l>", "pool": "", "subject": "CN=<evil>", "sans": ["DNS:<a>"], "fingerprint": "ab", "expiring": true}],
-            "modules": [{"name": "m<", "kind": "k", "status": {"a<": "<v>"}}],
+            "modules": [
+                {"name": "m<", "kind": "k", "status": {"a<": "<v>"}, "ready": true},
+                {"name": "n", "kind": "k", "ready": false, "required": true, "not_ready_reason": "<r>"},
+            ],
         });
         let page = render(&doc);
         // The only tags are the page's own.
         assert!(!page.contains("<script>alert"));
-        for raw in ["<evil>", "<u>", "<x>", "<l>", "<v>", "<a>", "x<y"] {
+        for raw in ["<evil>", "<u>", "<x>", "<l>", "<v>", "<a>", "x<y", "<r>"] {
             assert!(!page.contains(raw), "{raw} unescaped");
         }
         assert!(page.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(page.contains("pool-p&#39;x"));
         assert!(page.contains("class=\"expiring\""));
         assert!(page.contains("class=\"down\""));
+        assert!(page.contains("<tr data-module=\"n\" class=\"down\">"));
+        assert!(page.contains("no: &lt;r&gt;"));
     }
 }

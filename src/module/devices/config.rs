@@ -11,6 +11,10 @@ pub struct DevicesConfig {
     /// Selects this implementation (`devices`); read by the runtime.
     #[serde(default)]
     pub kind: Option<String>,
+    /// Whether the balancer is unhealthy while the store is out of reach
+    /// (default true); read by the runtime (`ModulePlan::required`).
+    #[serde(default)]
+    pub required: Option<bool>,
     #[serde(default)]
     pub store: StoreConfig,
     /// Bearer token for the admin API. Without it (and without

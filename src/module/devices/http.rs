@@ -10,6 +10,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::store::StoreError;
+use crate::logging::RateLimit;
 use crate::module::Body;
 
 /// An answer that is not a success, with what the client should be told.
@@ -47,8 +48,13 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
             StoreError::TokenRejected => ApiError::new(StatusCode::FORBIDDEN, e.to_string()),
             StoreError::Backend(m) => {
-                // Database details are for the operator's log only.
-                tracing::error!(error = %m, "devices: store failure");
+                // Database details are for the operator's log only; one
+                // line a second at most: while the database is gone every
+                // request fails, and a fleet would flood the log.
+                static LOG: RateLimit = RateLimit::new(1000);
+                if let Some(held) = LOG.allow() {
+                    tracing::error!(error = %m, "devices: store failure ({held} similar errors suppressed)");
+                }
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "storage unavailable, try again later",

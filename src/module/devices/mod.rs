@@ -32,6 +32,7 @@ mod lease;
 mod metrics;
 pub mod model;
 mod park;
+pub mod readiness;
 pub mod service;
 pub mod settings;
 mod status;
@@ -50,25 +51,43 @@ pub use service::Devices;
 /// The module object the runtime holds.
 pub struct DevicesModule {
     devices: Arc<Devices>,
+    /// Whether the store is reachable (`Module::ready`).
+    readiness: readiness::Readiness,
 }
 
 impl DevicesModule {
     pub fn devices(&self) -> &Arc<Devices> {
         &self.devices
     }
+
+    /// A 503 is the API's answer to a storage failure: have the store's
+    /// reachability checked now, so that `/healthz` follows within a
+    /// round trip rather than at the probe's next tick.
+    fn watch(&self, resp: Response<Body>) -> Response<Body> {
+        if resp.status() == hyper::StatusCode::SERVICE_UNAVAILABLE {
+            self.readiness.suspect();
+        }
+        resp
+    }
 }
 
 impl Module for DevicesModule {
     fn handle(&self, req: Request<Incoming>, ctx: RequestContext) -> BoxFuture<'_, Response<Body>> {
-        Box::pin(api::handle(self.devices.clone(), req, ctx))
+        Box::pin(async move { self.watch(api::handle(self.devices.clone(), req, ctx).await) })
     }
 
     fn admin(&self, req: Request<Incoming>) -> Option<BoxFuture<'_, Response<Body>>> {
-        Some(Box::pin(admin::handle(self.devices.clone(), req)))
+        Some(Box::pin(async move {
+            self.watch(admin::handle(self.devices.clone(), req).await)
+        }))
     }
 
     fn status(&self) -> BoxFuture<'_, Option<serde_json::Value>> {
         Box::pin(async move { Some(status::counts(&self.devices).await) })
+    }
+
+    fn ready(&self) -> Result<(), String> {
+        self.readiness.ready()
     }
 
     fn drain(&self, spread: std::time::Duration) -> BoxFuture<'_, ()> {
@@ -95,6 +114,7 @@ impl Module for DevicesModule {
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.readiness.stop();
         Box::pin(self.devices.shutdown())
     }
 }
@@ -108,6 +128,10 @@ pub fn factory() -> Factory {
         let env = env.clone();
         Box::pin(async move {
             let config = config::DevicesConfig::parse(&value)?;
+            let readiness = match &config.store {
+                config::StoreConfig::Sqlite { .. } => readiness::Readiness::always(),
+                config::StoreConfig::Postgres { url } => readiness::Readiness::probe_postgres(url)?,
+            };
             let devices = Devices::start(
                 &env.name,
                 config,
@@ -116,7 +140,7 @@ pub fn factory() -> Factory {
                 &env.metrics,
             )
             .await?;
-            Ok(Arc::new(DevicesModule { devices }) as Arc<dyn Module>)
+            Ok(Arc::new(DevicesModule { devices, readiness }) as Arc<dyn Module>)
         })
     })
 }

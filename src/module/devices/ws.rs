@@ -208,6 +208,10 @@ const RECORDED: u8 = 1;
 /// The channel closed while it was being recorded: the recording task
 /// clears the record once written.
 const CLOSED_EARLY: u8 = 2;
+/// Writing the record failed (the database was out of reach): the
+/// channel writes it again at its next poke (a resync pokes every channel
+/// once the database is back).
+const UNRECORDED: u8 = 3;
 
 /// The channel task (spawned at the upgrade).
 async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
@@ -312,6 +316,18 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
                     break "the store was handed over (upgrade)".to_string();
                 }
                 Event::Hub(ChannelMsg::Poke) => {
+                    if channel
+                        .recorded
+                        .compare_exchange(
+                            UNRECORDED,
+                            RECORDING,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        )
+                        .is_ok()
+                    {
+                        tokio::spawn(record(devices.clone(), id.clone(), channel.clone()));
+                    }
                     if let Err(r) = deliver_boxed(&devices, &id, &mut conn, &mut sent).await {
                         break r;
                     }
@@ -379,12 +395,16 @@ async fn run(devices: Arc<Devices>, on_upgrade: OnUpgrade, id: Arc<str>) {
 /// meanwhile, clear the record again.
 async fn record(devices: Arc<Devices>, id: Arc<str>, channel: Arc<Channel>) {
     let node = devices.node.clone();
-    if let Err(e) = devices.store.set_channel(id.to_string(), node, true).await {
-        tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
-    }
+    let outcome = match devices.store.set_channel(id.to_string(), node, true).await {
+        Ok(()) => RECORDED,
+        Err(e) => {
+            tracing::warn!(device = %id, error = %e, "devices: recording the channel failed");
+            UNRECORDED
+        }
+    };
     if channel
         .recorded
-        .compare_exchange(RECORDING, RECORDED, Ordering::AcqRel, Ordering::Acquire)
+        .compare_exchange(RECORDING, outcome, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
         clear(&devices, &id).await;
