@@ -138,7 +138,7 @@ fn route(rt: &Runtime, req: Request<Incoming>) -> Response<Full<Bytes>> {
         // A draining process still answers (it serves its connections
         // to the end) but must not be sent new ones: a health checker in
         // front (keepalived, a cloud load balancer) moves traffic away.
-        (&Method::GET, "/healthz") if rt.drain.is_started() => {
+        (&Method::GET, "/healthz") if rt.drain.is_announced() => {
             text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
         }
         (&Method::GET, "/healthz") => match not_ready(rt) {

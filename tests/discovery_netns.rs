@@ -212,8 +212,14 @@ fn two_agents_and_two_balancers_find_each_other_by_broadcast() {
     }
 
     // The balancers.
-    let lb_config = format!(
-        r#"[admin]
+    // Each balancer its own data directory: namespaces separate their
+    // ports, not their files (the control socket lives there).
+    let lb_config = |i: usize| {
+        format!(
+            r#"[global]
+data_dir = "data-{i}"
+
+[admin]
 bind = "{ADMIN}"
 
 [discovery]
@@ -237,12 +243,13 @@ fail_timeout = "1s"
 connect_timeout = "1s"
 retries = 2
 "#,
-        token = token_path.display()
-    );
-    let lb_path = common::write(dir.path(), "fleetgate.toml", &lb_config);
-    let lb_path = lb_path.to_str().unwrap();
+            token = token_path.display()
+        )
+    };
     let balancers: Vec<NsProcess> = (2..4)
         .map(|i| {
+            let lb_path = common::write(dir.path(), &format!("fleetgate-{i}.toml"), &lb_config(i));
+            let lb_path = lb_path.to_str().unwrap();
             NsProcess::spawn(
                 lab.ns(i),
                 &format!("balancer-{}", i - 1),

@@ -63,6 +63,9 @@ const ADMIN: &str = "127.0.0.1:9900";
 /// Long enough for the address to move while a held connection keeps the
 /// draining process alive.
 const DRAIN_TIMEOUT: &str = "5s";
+/// As docs/ha.md advises: longer than the check's fall x interval plus the
+/// peer's skew time, so the address has moved before the listeners close.
+const DRAIN_NOTICE: &str = "3s";
 /// Every process the test starts runs under `timeout`, so even a killed
 /// test run leaves nothing running for long.
 const PROCESS_LIFETIME: &str = "120";
@@ -109,6 +112,7 @@ fn fleetgate_config(lb: usize, backend: &str) -> String {
     format!(
         r#"[global]
 drain_timeout = "{DRAIN_TIMEOUT}"
+drain_notice = "{DRAIN_NOTICE}"
 data_dir = "data-lb{lb}"
 
 [admin]

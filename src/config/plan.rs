@@ -17,6 +17,7 @@ pub struct Plan {
     pub source: PathBuf,
     pub log_level: String,
     pub drain_timeout: Duration,
+    pub drain_notice: Duration,
     pub worker_threads: usize,
     pub cpu_affinity: crate::workers::CpuAffinity,
     pub admin_bind: SocketAddr,

@@ -93,6 +93,11 @@ pub struct Global {
     /// How long SIGTERM waits for established connections before exiting.
     #[serde(default = "default_drain_timeout")]
     pub drain_timeout: ConfigDuration,
+    /// After SIGTERM, how long `/healthz` answers 503 while the listeners
+    /// still accept, before the drain: the time a health checker in front
+    /// (keepalived, a cloud load balancer) needs to move traffic away.
+    #[serde(default)]
+    pub drain_notice: ConfigDuration,
     /// Connection workers (a thread and event loop each); 0 means one per core.
     #[serde(default)]
     pub worker_threads: usize,
@@ -117,6 +122,7 @@ impl Default for Global {
         Global {
             log_level: default_log_level(),
             drain_timeout: default_drain_timeout(),
+            drain_notice: ConfigDuration::default(),
             worker_threads: 0,
             cpu_affinity: Default::default(),
             data_dir: default_data_dir(),

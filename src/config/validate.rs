@@ -192,6 +192,7 @@ pub fn validate(
         source: source.to_path_buf(),
         log_level: file.global.log_level.clone(),
         drain_timeout: file.global.drain_timeout.0,
+        drain_notice: file.global.drain_notice.0,
         worker_threads: file.global.worker_threads,
         cpu_affinity: file.global.cpu_affinity.clone(),
         admin_bind,

@@ -31,6 +31,9 @@ pub struct Drain(Arc<State>);
 
 struct State {
     started: AtomicBool,
+    /// The process is about to drain (`drain_notice`): health checks fail
+    /// while everything is still served.
+    announced: AtomicBool,
     /// What WebSockets are told when they are closed (set before `started`).
     reason: OnceLock<CloseReason>,
     /// Over how long WebSocket closes are spread (set before `started`).
@@ -43,6 +46,7 @@ impl Drain {
     pub fn new(tracker: Arc<ConnectionTracker>) -> Drain {
         Drain(Arc::new(State {
             started: AtomicBool::new(false),
+            announced: AtomicBool::new(false),
             reason: OnceLock::new(),
             spread: OnceLock::new(),
             shards: std::array::from_fn(|_| Notify::new()),
@@ -70,6 +74,17 @@ impl Drain {
 
     pub fn is_started(&self) -> bool {
         self.0.started.load(Ordering::SeqCst)
+    }
+
+    /// Say that a drain is coming: `/healthz` fails from now on.
+    pub fn announce(&self) {
+        self.0.announced.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether new traffic should go elsewhere: a drain is coming or under
+    /// way.
+    pub fn is_announced(&self) -> bool {
+        self.0.announced.load(Ordering::SeqCst) || self.is_started()
     }
 
     /// Completes when the drain starts (at once if it has).

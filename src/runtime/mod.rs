@@ -714,6 +714,9 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         }
     }
     let deadline = rt.plan().drain_timeout;
+    if !upgraded {
+        announce_drain(&rt, &mut term, &mut int).await;
+    }
     crate::drain::exit_no_later_than(deadline + crate::drain::EXIT_GRACE);
     if upgraded {
         // The new process is systemd's main process now: this one says
@@ -726,7 +729,6 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
         tokio::time::sleep(settle).await;
         drain_with(&rt, deadline - settle, crate::drain::RESTARTING).await;
     } else {
-        crate::systemd::stopping();
         drain(&rt, deadline).await;
     }
     for (name, module) in &rt.modules {
@@ -735,6 +737,31 @@ pub async fn serve_until_signalled(rt: Arc<Runtime>, signals: Signals) -> anyhow
     }
     crate::access_log::flush_all(crate::drain::EXIT_GRACE / 2);
     Ok(())
+}
+
+/// `drain_notice`: fail health checks while still serving, so that a
+/// health checker in front moves traffic away before the listeners close
+/// (a connection arriving after they closed would be refused). A second
+/// SIGTERM or SIGINT cuts the notice short.
+async fn announce_drain(
+    rt: &Runtime,
+    term: &mut tokio::signal::unix::Signal,
+    int: &mut tokio::signal::unix::Signal,
+) {
+    rt.drain.announce();
+    crate::systemd::stopping();
+    let notice = rt.plan().drain_notice;
+    if notice.is_zero() {
+        return;
+    }
+    tracing::info!(
+        "stopping: /healthz answers 503 for {notice:?} while everything is still served, then the drain"
+    );
+    tokio::select! {
+        _ = tokio::time::sleep(notice) => {}
+        _ = term.recv() => tracing::info!("second signal: draining now"),
+        _ = int.recv() => tracing::info!("second signal: draining now"),
+    }
 }
 
 /// After an upgrade, how long the old process serves its open connections
