@@ -51,36 +51,12 @@ fn now_ms() -> i64 {
 }
 
 fn config(data: &Path, node: &str, front: std::net::SocketAddr, pg: &str) -> String {
-    format!(
-        r#"[global]
-data_dir = "{data}"
-
-[admin]
-bind = "{{admin}}"
-
-[[listener]]
-name = "devices"
-bind = "{front}"
-mode = "offload"
-tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", client_ca = "module:devices" }}
-
-  [[listener.route]]
-  name = "api"
-  path_prefix = "/api/v1/"
-  module = "devices"
-
-[module.devices]
-kind = "devices"
-admin_token = "{TOKEN}"
-node = "{node}"
-store = {{ kind = "postgres", url = "{pg}" }}
-lease_renew = "{}s"
-lease = "{}s"
-"#,
+    let lease = format!(
+        "lease_renew = \"{}s\"\nlease = \"{}s\"",
         LEASE_RENEW.as_secs(),
-        LEASE.as_secs(),
-        data = data.display(),
-    )
+        LEASE.as_secs()
+    );
+    common::devices::shared_store_config(data, node, front, pg, TOKEN, &lease)
 }
 
 struct Lb {

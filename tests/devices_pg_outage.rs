@@ -56,33 +56,13 @@ fn now_ms() -> i64 {
 }
 
 fn config(front: SocketAddr, data: &Path, node: &str, url: &str) -> String {
-    format!(
-        r#"[global]
-data_dir = "{data}"
-
-[admin]
-bind = "{{admin}}"
-
-[[listener]]
-name = "devices"
-bind = "{front}"
-mode = "offload"
-tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", client_ca = "module:devices" }}
-
-  [[listener.route]]
-  name = "api"
-  path_prefix = "/api/v1/"
-  module = "devices"
-
-[module.devices]
-kind = "devices"
-admin_token = "{TOKEN}"
-node = "{node}"
-store = {{ kind = "postgres", url = "{url}" }}
-heartbeat_interval = "60s"
-heartbeat_jitter = "30s"
-"#,
-        data = data.display()
+    common::devices::shared_store_config(
+        data,
+        node,
+        front,
+        url,
+        TOKEN,
+        "heartbeat_interval = \"60s\"\nheartbeat_jitter = \"30s\"",
     )
 }
 

@@ -72,6 +72,47 @@ heartbeat_jitter = "30s"
     )
 }
 
+/// A `fleetgate run` process of a fleet sharing one store: its own data
+/// directory and node name, a generated server certificate (`localhost`),
+/// devices verified by the module's CA; `module_extra` is appended to the
+/// `[module.devices]` table. The admin address is left to `Balancer::start`.
+pub fn shared_store_config(
+    data: &Path,
+    node: &str,
+    front: SocketAddr,
+    store_url: &str,
+    admin_token: &str,
+    module_extra: &str,
+) -> String {
+    format!(
+        r#"[global]
+data_dir = "{data}"
+
+[admin]
+bind = "{{admin}}"
+
+[[listener]]
+name = "devices"
+bind = "{front}"
+mode = "offload"
+tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", client_ca = "module:devices" }}
+
+  [[listener.route]]
+  name = "api"
+  path_prefix = "/api/v1/"
+  module = "devices"
+
+[module.devices]
+kind = "devices"
+admin_token = "{admin_token}"
+node = "{node}"
+store = {{ kind = "postgres", url = "{store_url}" }}
+{module_extra}
+"#,
+        data = data.display()
+    )
+}
+
 impl DevicesLb {
     /// Start in `dir` (created by the caller: tests that share a CA or a
     /// data directory pass the same one). `module_extra` is appended to

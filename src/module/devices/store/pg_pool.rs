@@ -73,10 +73,6 @@ impl Pool {
         }
     }
 
-    pub fn config(&self) -> &Config {
-        &self.config
-    }
-
     pub async fn get(&self) -> StoreResult<Conn<'_>> {
         let permit = self
             .free
