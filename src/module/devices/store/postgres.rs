@@ -27,6 +27,8 @@ use crate::module::BoxFuture;
 
 const POOL: usize = 4;
 const CHANNEL: &str = "fleetgate_devices";
+/// Longest wait between two attempts to reopen the LISTEN connection.
+const LISTEN_BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 /// The shared statements (sql.rs) in PostgreSQL's dialect.
 static SQL: LazyLock<Statements> = LazyLock::new(|| Statements::new(Dialect::Postgres));
@@ -149,7 +151,10 @@ async fn listen(config: Config, events: broadcast::Sender<StoreEvent>) {
             }
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        // Capped low: until it is back, commands queued on other
+        // balancers wait for the resync that follows, and an attempt on a
+        // database that is down costs one refused connection.
+        backoff = (backoff * 2).min(LISTEN_BACKOFF_MAX);
     }
 }
 
