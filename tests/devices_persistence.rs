@@ -39,29 +39,7 @@ fn now_ms() -> i64 {
 }
 
 fn config(front: std::net::SocketAddr) -> String {
-    format!(
-        r#"[global]
-data_dir = "data"
-
-[admin]
-bind = "{{admin}}"
-
-[[listener]]
-name = "devices"
-bind = "{front}"
-mode = "offload"
-tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", client_ca = "module:devices" }}
-
-  [[listener.route]]
-  name = "api"
-  path_prefix = "/api/v1/"
-  module = "devices"
-
-[module.devices]
-kind = "devices"
-admin_token = "{TOKEN}"
-"#
-    )
+    common::devices::process_config(std::path::Path::new("data"), front, TOKEN, "")
 }
 
 /// Start `fleetgate run` again on `b`'s config and data directory.

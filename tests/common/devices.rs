@@ -72,15 +72,14 @@ heartbeat_jitter = "30s"
     )
 }
 
-/// A `fleetgate run` process of a fleet sharing one store: its own data
-/// directory and node name, a generated server certificate (`localhost`),
-/// devices verified by the module's CA; `module_extra` is appended to the
-/// `[module.devices]` table. The admin address is left to `Balancer::start`.
-pub fn shared_store_config(
+/// A `fleetgate run` process serving the devices module: its data
+/// directory, a generated server certificate (`localhost`), devices
+/// verified by the module's CA; `module_extra` is appended to the
+/// `[module.devices]` table (a shared store, the node name...). The admin
+/// address is left to `Balancer::start`.
+pub fn process_config(
     data: &Path,
-    node: &str,
     front: SocketAddr,
-    store_url: &str,
     admin_token: &str,
     module_extra: &str,
 ) -> String {
@@ -105,12 +104,25 @@ tls = {{ cert = "auto", auto_names = ["localhost"], client_auth = "optional", cl
 [module.devices]
 kind = "devices"
 admin_token = "{admin_token}"
-node = "{node}"
-store = {{ kind = "postgres", url = "{store_url}" }}
 {module_extra}
 "#,
         data = data.display()
     )
+}
+
+/// `process_config` for one balancer of a fleet sharing a PostgreSQL store.
+pub fn shared_store_config(
+    data: &Path,
+    node: &str,
+    front: SocketAddr,
+    store_url: &str,
+    admin_token: &str,
+    module_extra: &str,
+) -> String {
+    let extra = format!(
+        "node = \"{node}\"\nstore = {{ kind = \"postgres\", url = \"{store_url}\" }}\n{module_extra}"
+    );
+    process_config(data, front, admin_token, &extra)
 }
 
 impl DevicesLb {
