@@ -13,7 +13,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::{shutdown_write, Progress};
+use super::Progress;
 use crate::scratch;
 
 pub(super) async fn one_way(
@@ -44,7 +44,7 @@ pub(super) enum Step {
 }
 
 /// Move what `from` has ready, until it would block. Returns true once
-/// `from` reached end-of-stream (the FIN has then been passed on). Also
+/// `from` reached end-of-stream (which `drive` passes on). Also
 /// the splice path's fallback when it cannot get a pipe.
 pub(super) async fn move_ready(
     from: &TcpStream,
@@ -55,7 +55,7 @@ pub(super) async fn move_ready(
         match step(from, to, progress)? {
             Step::Moved => {}
             Step::MovedAll | Step::Drained => return Ok(false),
-            Step::Eof => return shutdown_write(to).map(|()| true),
+            Step::Eof => return Ok(true),
             Step::Left(rest, drained) => {
                 write_all(to, &rest, progress).await?;
                 if drained {

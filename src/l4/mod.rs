@@ -4,6 +4,7 @@
 //! disabled) a buffered copy is used.
 
 mod copy;
+mod drive;
 #[cfg(target_os = "linux")]
 mod pipes;
 pub mod relay;
@@ -15,10 +16,13 @@ mod zero_copy;
 use std::io;
 use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use drive::{drive, Direction};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PumpConfig {
@@ -107,20 +111,44 @@ pub struct PumpReport {
     pub downstream_bytes: u64,
 }
 
-/// Bytes moved in one direction: read by the idle watchdog, added to the
-/// metric as they move.
+/// Bytes moved in one direction, and when the last ones moved: read by
+/// the idle watchdog, added to the metric as they move.
 struct Progress<'a> {
     moved: AtomicU64,
+    /// Nanoseconds after `base` at which bytes last moved.
+    last_ns: AtomicU64,
+    base: Instant,
     metric: &'a IntCounter,
 }
 
-impl Progress<'_> {
+impl<'a> Progress<'a> {
+    fn new(metric: &'a IntCounter, base: Instant) -> Self {
+        Progress {
+            moved: AtomicU64::new(0),
+            last_ns: AtomicU64::new(0),
+            base,
+            metric,
+        }
+    }
     fn add(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
         self.moved.fetch_add(n as u64, Ordering::Relaxed);
+        // One clock read per chunk (a vDSO call, tens of nanoseconds next
+        // to the microseconds of the syscalls that moved the chunk) lets
+        // the watchdog sleep until the exact deadline instead of waking
+        // on a tick to see whether anything moved.
+        let ns = self.base.elapsed().as_nanos() as u64;
+        self.last_ns.store(ns, Ordering::Relaxed);
         self.metric.inc_by(n as u64);
     }
     fn get(&self) -> u64 {
         self.moved.load(Ordering::Relaxed)
+    }
+    /// When bytes last moved (the start, if none has).
+    fn last(&self) -> Instant {
+        self.base + Duration::from_nanos(self.last_ns.load(Ordering::Relaxed))
     }
 }
 
@@ -132,74 +160,22 @@ pub async fn pump(
     cfg: PumpConfig,
     counters: &ByteCounters,
 ) -> PumpReport {
-    let up = Progress {
-        moved: AtomicU64::new(0),
-        metric: &counters.upstream,
-    };
-    let down = Progress {
-        moved: AtomicU64::new(0),
-        metric: &counters.downstream,
-    };
-    let end = run(client, backend, cfg, &up, &down).await;
+    let started = Instant::now();
+    let up = Progress::new(&counters.upstream, started);
+    let down = Progress::new(&counters.downstream, started);
+    let a = one_way(client, backend, cfg.splice, &up);
+    let b = one_way(backend, client, cfg.splice, &down);
+    let end = drive(a, b, cfg.idle_timeout, &up, &down, |ended| {
+        shutdown_write(match ended {
+            Direction::Up => backend,
+            Direction::Down => client,
+        })
+    })
+    .await;
     PumpReport {
         end,
         upstream_bytes: up.get(),
         downstream_bytes: down.get(),
-    }
-}
-
-async fn run(
-    client: &TcpStream,
-    backend: &TcpStream,
-    cfg: PumpConfig,
-    up: &Progress<'_>,
-    down: &Progress<'_>,
-) -> PumpEnd {
-    let a = one_way(client, backend, cfg.splice, up);
-    let b = one_way(backend, client, cfg.splice, down);
-    drive(a, b, cfg.idle_timeout, up, down).await
-}
-
-/// Run both directions to completion under the idle watchdog. An error in
-/// either direction ends both.
-async fn drive(
-    a: impl std::future::Future<Output = io::Result<()>>,
-    b: impl std::future::Future<Output = io::Result<()>>,
-    idle_timeout: Duration,
-    up: &Progress<'_>,
-    down: &Progress<'_>,
-) -> PumpEnd {
-    tokio::pin!(a, b);
-    let (mut a_done, mut b_done) = (false, false);
-    // The watchdog samples progress a few times per timeout rather than
-    // re-arming a timer on every chunk, which would cost per byte moved.
-    let step = (idle_timeout / 4).max(Duration::from_millis(20));
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + step, step);
-    let mut seen = 0u64;
-    let mut last_move = Instant::now();
-    loop {
-        tokio::select! {
-            r = &mut a, if !a_done => match r {
-                Ok(()) => a_done = true,
-                Err(e) => return PumpEnd::Error(e),
-            },
-            r = &mut b, if !b_done => match r {
-                Ok(()) => b_done = true,
-                Err(e) => return PumpEnd::Error(e),
-            },
-            _ = tick.tick() => {
-                let total = up.get() + down.get();
-                if total != seen {
-                    seen = total;
-                    last_move = Instant::now();
-                } else if last_move.elapsed() >= idle_timeout {
-                    return PumpEnd::IdleTimeout;
-                }
-            }
-        }
-        if a_done && b_done {
-            return PumpEnd::Closed;
-        }
     }
 }
 
@@ -218,7 +194,8 @@ async fn one_way(
 }
 
 /// Pass a FIN on: the peer sees end-of-stream while the other direction
-/// keeps flowing.
+/// keeps flowing. The direction's reader ends without it; `drive` calls
+/// this only while the other direction is still running.
 fn shutdown_write(to: &TcpStream) -> io::Result<()> {
     match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
         Err(e) if e.kind() == io::ErrorKind::NotConnected => Ok(()),

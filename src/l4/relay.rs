@@ -7,13 +7,12 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::AtomicU64;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{drive, ByteCounters, Progress, PumpReport};
+use super::{drive::drive, ByteCounters, Progress, PumpReport};
 use crate::scratch;
 
 /// Relay between `a` (the client side) and `b` (the backend side) until
@@ -23,14 +22,9 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let up = Progress {
-        moved: AtomicU64::new(0),
-        metric: &counters.upstream,
-    };
-    let down = Progress {
-        moved: AtomicU64::new(0),
-        metric: &counters.downstream,
-    };
+    let started = tokio::time::Instant::now();
+    let up = Progress::new(&counters.upstream, started);
+    let down = Progress::new(&counters.downstream, started);
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
     let end = drive(
@@ -39,6 +33,9 @@ where
         idle_timeout,
         &up,
         &down,
+        // Each direction shuts its writer down itself (a TLS stream says
+        // close_notify), so there is nothing left to pass on.
+        |_| Ok(()),
     )
     .await;
     PumpReport {

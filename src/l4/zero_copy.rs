@@ -1,5 +1,6 @@
 //! One direction of the pump with splice(2): socket → pipe → socket; in
-//! `auto` mode only for bulk transfers.
+//! `auto` mode only for bulk transfers. Ends at end-of-stream; passing
+//! the FIN on is `drive`'s.
 
 use std::io;
 use std::os::fd::AsFd;
@@ -10,7 +11,7 @@ use tokio::net::TcpStream;
 use super::copy::{self, Step};
 use super::pipes::{self, CHUNK};
 use super::splice::Pipe;
-use super::{shutdown_write, Progress};
+use super::Progress;
 
 pub(super) async fn one_way(
     from: &TcpStream,
@@ -27,7 +28,7 @@ pub(super) async fn one_way(
             match copy::step(from, to, progress)? {
                 Step::Moved => {}
                 Step::MovedAll | Step::Drained => continue,
-                Step::Eof => return shutdown_write(to),
+                Step::Eof => return Ok(()),
                 Step::Left(rest, drained) => {
                     copy::write_all(to, &rest, progress).await?;
                     if drained {
@@ -54,7 +55,7 @@ pub(super) async fn one_way(
             match from.try_io(Interest::READABLE, || pipe.fill_from(from.as_fd(), CHUNK)) {
                 Ok(0) => {
                     pipes::give(pipe);
-                    return shutdown_write(to);
+                    return Ok(());
                 }
                 Ok(n) => drain(&pipe, to, n, progress).await?,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
