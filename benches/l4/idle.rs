@@ -101,7 +101,10 @@ fn read_answer(stream: &mut TcpStream) -> Result<()> {
     if !answer.starts_with(b"HTTP/1.1 200 ") {
         bail!(
             "unexpected answer: {}",
-            String::from_utf8_lossy(&answer).lines().next().unwrap_or("")
+            String::from_utf8_lossy(&answer)
+                .lines()
+                .next()
+                .unwrap_or("")
         );
     }
     Ok(())

@@ -59,6 +59,8 @@ struct Settings {
     secs: u64,
     /// The proxies, in column order, then `Direct`.
     targets: Vec<Target>,
+    /// The load tests to run, in their fixed order.
+    tests: Vec<Test>,
     /// Idle connections of the memory test; 0 skips it.
     idle_conns: usize,
     /// Leave the temp dir (configs, logs) behind for a look afterwards.
@@ -76,6 +78,7 @@ impl Settings {
             rounds: rounds as u32,
             secs,
             targets: targets_from_env(&splice::modes_from_env()?)?,
+            tests: tests_from_env()?,
             idle_conns: env_number("IDLE_CONNS", 9500)? as usize,
             keep_tmp: env_flag("KEEP_TMP", false),
         })
@@ -91,7 +94,7 @@ impl Settings {
     fn estimate(&self) -> Duration {
         let per_run = self.secs + SETTLE.as_secs() + 1;
         let targets = self.targets.len() as u64;
-        let runs = self.rounds as u64 * targets * Test::ALL.len() as u64;
+        let runs = self.rounds as u64 * targets * self.tests.len() as u64;
         let warm_up = targets * (2 * WARMUP_SECS + 2);
         // Start, 1 s, opening (about 3,000 connections/s), 2 s, teardown.
         let idle = if self.idle_conns > 0 {
@@ -111,6 +114,29 @@ fn env_number(name: &str, default: u64) -> Result<u64> {
             .with_context(|| format!("{name}={text:?} is not a whole number")),
         Err(_) => Ok(default),
     }
+}
+
+/// TESTS=keep-alive,passthrough runs only those load tests (empty: none,
+/// e.g. for the idle test alone); unset: all of them.
+fn tests_from_env() -> Result<Vec<Test>> {
+    let Ok(list) = env::var("TESTS") else {
+        return Ok(Test::ALL.to_vec());
+    };
+    let keys: Vec<&str> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(unknown) = keys
+        .iter()
+        .find(|k| !Test::ALL.iter().any(|t| t.key() == **k))
+    {
+        bail!("TESTS: unknown {unknown:?}");
+    }
+    Ok(Test::ALL
+        .into_iter()
+        .filter(|t| keys.contains(&t.key()))
+        .collect())
 }
 
 fn env_flag(name: &str, default: bool) -> bool {
@@ -135,7 +161,9 @@ fn targets_from_env(splice_modes: &[Splice]) -> Result<Vec<Target>> {
             if let Some(unknown) = keys.iter().find(|k| !all.iter().any(|t| t.key() == **k)) {
                 bail!("PROXIES: unknown {unknown:?}");
             }
-            all.into_iter().filter(|t| keys.contains(&t.key())).collect()
+            all.into_iter()
+                .filter(|t| keys.contains(&t.key()))
+                .collect()
         }
     };
     targets.push(Target::Direct);
@@ -172,7 +200,9 @@ fn run() -> Result<()> {
     let mut running = start_targets(&settings.targets, dir.path(), &backends, &opts);
     let ticks_per_sec = procs::clock_ticks_per_sec()?;
 
-    warm_up(&mut running);
+    if !settings.tests.is_empty() {
+        warm_up(&mut running);
+    }
     let mut samples = Samples::default();
     for round in 0..settings.rounds {
         run_round(
@@ -214,12 +244,14 @@ fn print_header(settings: &Settings, fleetgate_bin: &std::path::Path, fd_limit: 
         println!("- {name}: {value}");
     }
     let names: Vec<&str> = settings.targets.iter().map(|t| t.label()).collect();
+    let tests: Vec<&str> = settings.tests.iter().map(|t| t.key()).collect();
     println!(
-        "- settings: ROUNDS={} DURATION={}s IDLE_CONNS={}, targets: {}, fd limit {fd_limit}",
+        "- settings: ROUNDS={} DURATION={}s IDLE_CONNS={}, targets: {}, tests: {}, fd limit {fd_limit}",
         settings.rounds,
         settings.secs,
         settings.idle_conns,
         names.join(", "),
+        tests.join(","),
     );
     println!(
         "- passthrough: wrk to https://{}:PORT/ (the SNI every proxy routes on)",
@@ -281,7 +313,7 @@ fn run_round(
     let count = running.len();
     for i in 0..count {
         let r = &mut running[(i + round as usize) % count];
-        for test in Test::ALL {
+        for &test in &settings.tests {
             thread::sleep(SETTLE);
             let result = measure::run(test, r, backends, settings.secs, ticks_per_sec, samples);
             let line = result.unwrap_or_else(|e| format!("FAILED: {e:#}"));

@@ -40,6 +40,17 @@ impl Test {
         }
     }
 
+    /// Name accepted by the TESTS environment variable.
+    pub fn key(self) -> &'static str {
+        match self {
+            Test::KeepAlive => "keep-alive",
+            Test::NewConn => "new-conn",
+            Test::Bulk1 => "bulk1",
+            Test::Bulk4 => "bulk4",
+            Test::Passthrough => "passthrough",
+        }
+    }
+
     pub fn is_bulk(self) -> bool {
         matches!(self, Test::Bulk1 | Test::Bulk4)
     }

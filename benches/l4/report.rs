@@ -118,11 +118,7 @@ impl Figure {
             Figure::OthersLoad => info("other processes' CPU, % of a core".into(), 0, false),
             Figure::ClientErrors => Info {
                 combine: Combine::Sum,
-                ..info(
-                    "wrk errors, all runs (socket + non-2xx) ↓".into(),
-                    0,
-                    false,
-                )
+                ..info("wrk errors, all runs (socket + non-2xx) ↓".into(), 0, false)
             },
         }
     }
@@ -267,6 +263,9 @@ pub fn notes(rounds: u32, idle_conns: usize) -> String {
          softirq, steal) over the run: proxy, server, load generator and the \
          kernel's loopback TCP work, which is often charged to no process or to \
          another one. Both are divided by the requests (connections, GB) served.\n\
+         - Machine CPU counts whatever else ran during the run too: compare it \
+         between proxies only when \"other processes\" is near 0 (a quiet \
+         machine); the direct table gives the client and origin's own share.\n\
          - Rows without an arrow are context: how busy each process was (CPU \
          time ÷ wall time of the run; 100 = one core fully busy). \"other \
          processes\" is the machine's busy time without irq/softirq minus proxy, \
