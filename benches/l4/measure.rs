@@ -202,6 +202,8 @@ fn record_http(
     samples.add(target, figure(Measure::P50), result.p50_us / 1e3);
     samples.add(target, figure(Measure::P99), result.p99_us / 1e3);
     samples.add(target, figure(Measure::MachineCpu), machine_per_req);
+    let less_others = per_request(cpu.machine - cpu.others);
+    samples.add(target, figure(Measure::MachineLessOthers), less_others);
     samples.add(target, figure(Measure::BackendLoad), cpu.load(cpu.backend));
     samples.add(target, figure(Measure::ClientLoad), cpu.load(cpu.client));
     samples.add(target, Figure::OthersLoad, cpu.load(cpu.others));
@@ -224,7 +226,7 @@ fn record_http(
             cpu.load(proxy_cpu)
         );
     }
-    summary += &format!(" | machine {machine_per_req:.2} µs/req");
+    summary += &format!(" | machine {machine_per_req:.2} µs/req ({less_others:.2} less others)");
     if result.errors > 0 {
         summary += &format!(", {} errors", result.errors);
     }
@@ -244,6 +246,8 @@ fn record_bulk(
     let machine_per_gb = per_gb(cpu.machine);
     samples.add(target, figure(Measure::Rate), result.gbit_per_sec);
     samples.add(target, figure(Measure::MachineCpu), machine_per_gb);
+    let less_others = per_gb(cpu.machine - cpu.others);
+    samples.add(target, figure(Measure::MachineLessOthers), less_others);
     samples.add(target, figure(Measure::BackendLoad), cpu.load(cpu.backend));
     samples.add(target, Figure::OthersLoad, cpu.load(cpu.others));
     let mut summary = format!(
@@ -259,6 +263,6 @@ fn record_bulk(
         samples.add(target, figure(Measure::ProxyLoad), cpu.load(proxy_cpu));
         summary += &format!(", proxy {:.0} ({per:.3} s/GB)", cpu.load(proxy_cpu));
     }
-    summary += &format!(" | machine {machine_per_gb:.3} s/GB");
+    summary += &format!(" | machine {machine_per_gb:.3} s/GB ({less_others:.3} less others)");
     summary
 }

@@ -25,6 +25,9 @@ pub enum Measure {
     ProxyCpu,
     /// The whole machine's busy time (irq and softirq included) per unit.
     MachineCpu,
+    /// The same less the "other processes" share: proxy, server, client,
+    /// irq and softirq; what is left when another job shares the machine.
+    MachineLessOthers,
     /// CPU, % of a core, of the proxy, of the server behind it, and of the
     /// load generator.
     ProxyLoad,
@@ -33,20 +36,22 @@ pub enum Measure {
 }
 
 impl Measure {
-    const HTTP: [Measure; 8] = [
+    const HTTP: [Measure; 9] = [
         Measure::Rate,
         Measure::P50,
         Measure::P99,
         Measure::ProxyCpu,
         Measure::MachineCpu,
+        Measure::MachineLessOthers,
         Measure::ProxyLoad,
         Measure::BackendLoad,
         Measure::ClientLoad,
     ];
-    const BULK: [Measure; 5] = [
+    const BULK: [Measure; 6] = [
         Measure::Rate,
         Measure::ProxyCpu,
         Measure::MachineCpu,
+        Measure::MachineLessOthers,
         Measure::ProxyLoad,
         Measure::BackendLoad,
     ];
@@ -149,6 +154,11 @@ fn load_info(test: Test, measure: Measure) -> Info {
         ),
         Measure::MachineCpu => info(
             format!("{name} machine CPU {unit} ↓"),
+            per_unit_decimals,
+            false,
+        ),
+        Measure::MachineLessOthers => info(
+            format!("{name} machine CPU less others {unit} ↓"),
             per_unit_decimals,
             false,
         ),
@@ -265,7 +275,10 @@ pub fn notes(rounds: u32, idle_conns: usize) -> String {
          another one. Both are divided by the requests (connections, GB) served.\n\
          - Machine CPU counts whatever else ran during the run too: compare it \
          between proxies only when \"other processes\" is near 0 (a quiet \
-         machine); the direct table gives the client and origin's own share.\n\
+         machine); the direct table gives the client and origin's own share. \
+         \"machine CPU less others\" takes the \"other processes\" share of \
+         each run out again (what remains: proxy, server, load generator, irq, \
+         softirq), which holds up on a shared machine.\n\
          - Rows without an arrow are context: how busy each process was (CPU \
          time ÷ wall time of the run; 100 = one core fully busy). \"other \
          processes\" is the machine's busy time without irq/softirq minus proxy, \
