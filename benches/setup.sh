@@ -13,7 +13,7 @@ $SUDO apt-get update
 # would not be able to load a `stream {}` block.
 $SUDO apt-get install -y --no-install-recommends \
     haproxy nginx libnginx-mod-stream wrk iperf3 openssl
-# openssl: the TLS bench generates its certificates with it. The TLS load
+# openssl: both benches generate their certificates with it. The TLS load
 # with client certificates, without resumption and the idle connections come
 # from the bench's own rustls client; wrk does https (keep-alive, conn-close).
 

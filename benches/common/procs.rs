@@ -262,6 +262,22 @@ fn stat_fields_sum(path: &str, a: usize, b: usize) -> Result<u64> {
 /// is left out: much of it is our own loopback traffic, which the kernel
 /// charges to no process. Steal (the hypervisor running someone else) is in.
 pub fn machine_busy_ticks() -> Result<u64> {
+    Ok(machine_ticks()?.busy_without_irq)
+}
+
+/// Busy clock ticks of the whole machine (all CPUs), two ways.
+#[derive(Clone, Copy, Debug)]
+pub struct MachineTicks {
+    /// user + nice + system + steal: what can be charged to processes.
+    pub busy_without_irq: u64,
+    /// The same plus irq + softirq: everything the machine did, including
+    /// the loopback TCP work (softirq) a proxy causes but is not charged
+    /// for when it lands on another process's time slice or an idle CPU.
+    pub busy: u64,
+}
+
+/// Reads the first (all CPUs) line of /proc/stat.
+pub fn machine_ticks() -> Result<MachineTicks> {
     let stat = fs::read_to_string("/proc/stat")?;
     let line = stat.lines().next().context("empty /proc/stat")?;
     let values: Vec<u64> = line
@@ -274,11 +290,25 @@ pub fn machine_busy_ticks() -> Result<u64> {
     const USER: usize = 0;
     const NICE: usize = 1;
     const SYSTEM: usize = 2;
+    const IRQ: usize = 5;
+    const SOFTIRQ: usize = 6;
     const STEAL: usize = 7;
-    [USER, NICE, SYSTEM, STEAL]
-        .iter()
-        .map(|&i| values.get(i).copied().context("short /proc/stat cpu line"))
-        .sum()
+    let sum = |fields: &[usize]| -> Result<u64> {
+        fields
+            .iter()
+            .map(|&i| values.get(i).copied().context("short /proc/stat cpu line"))
+            .sum()
+    };
+    let busy_without_irq = sum(&[USER, NICE, SYSTEM, STEAL])?;
+    Ok(MachineTicks {
+        busy_without_irq,
+        busy: busy_without_irq + sum(&[IRQ, SOFTIRQ])?,
+    })
+}
+
+/// Descriptors `pid` has open (entries of /proc/PID/fd).
+pub fn open_fds(pid: u32) -> Result<usize> {
+    Ok(fs::read_dir(format!("/proc/{pid}/fd"))?.count())
 }
 
 /// Resident set size of `pid` in KiB (VmRSS).

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::procs::run_bounded;
+use crate::targets::PASS_SNI;
 use crate::tools::path_of;
 pub use crate::wrk::HttpResult;
 
@@ -27,6 +28,13 @@ pub struct BulkResult {
 /// fresh TCP connection.
 pub fn wrk(port: u16, secs: u64, close: bool) -> Result<HttpResult> {
     crate::wrk::wrk(&format!("http://127.0.0.1:{port}/"), secs, close)
+}
+
+/// `wrk -t1 -c50 -d{secs}s --latency https://localhost:PORT/`, keep-alive:
+/// TLS to the origin through a passthrough port; wrk sends the URL's host
+/// as SNI, the name the proxies route on.
+pub fn wrk_passthrough(port: u16, secs: u64) -> Result<HttpResult> {
+    crate::wrk::wrk(&format!("https://{PASS_SNI}:{port}/"), secs, false)
 }
 
 /// `iperf3 -c 127.0.0.1 -p PORT -t SECS -P STREAMS --json`, client sending.

@@ -1,33 +1,66 @@
 //! One measurement: run a load generator through a target while watching
-//! the CPU time of the proxy and of the origin behind it.
+//! the CPU time of the proxy, of the server behind it, and of the whole
+//! machine.
 
 use std::time::Instant;
 
 use anyhow::Result;
 
-use crate::load::{iperf, wrk, BulkResult, HttpResult};
-use crate::procs::{cpu_ticks, machine_busy_ticks, reaped_children_ticks, rss_kib};
-use crate::report::{Figure, Samples};
+use crate::load::{iperf, wrk, wrk_passthrough, BulkResult, HttpResult};
+use crate::procs::{cpu_ticks, machine_ticks, reaped_children_ticks, rss_kib, MachineTicks};
+use crate::report::{Figure, Measure, Samples};
 use crate::targets::{Backends, Running};
 
-/// The four load shapes, run in this order for each target in each round.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// The load shapes, run in this order for each target in each round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Test {
     KeepAlive,
     NewConn,
     Bulk1,
     Bulk4,
+    Passthrough,
 }
 
 impl Test {
-    pub const ALL: [Test; 4] = [Test::KeepAlive, Test::NewConn, Test::Bulk1, Test::Bulk4];
+    pub const ALL: [Test; 5] = [
+        Test::KeepAlive,
+        Test::NewConn,
+        Test::Bulk1,
+        Test::Bulk4,
+        Test::Passthrough,
+    ];
 
     pub fn label(self) -> &'static str {
         match self {
             Test::KeepAlive => "keep-alive",
             Test::NewConn => "new-conn",
-            Test::Bulk1 => "bulk x1",
-            Test::Bulk4 => "bulk x4",
+            Test::Bulk1 => "bulk 1 stream",
+            Test::Bulk4 => "bulk 4 streams",
+            Test::Passthrough => "passthrough keep-alive",
+        }
+    }
+
+    /// Name accepted by the TESTS environment variable.
+    pub fn key(self) -> &'static str {
+        match self {
+            Test::KeepAlive => "keep-alive",
+            Test::NewConn => "new-conn",
+            Test::Bulk1 => "bulk1",
+            Test::Bulk4 => "bulk4",
+            Test::Passthrough => "passthrough",
+        }
+    }
+
+    pub fn is_bulk(self) -> bool {
+        matches!(self, Test::Bulk1 | Test::Bulk4)
+    }
+
+    /// What CPU time is divided by.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Test::KeepAlive | Test::Passthrough => "µs/request",
+            Test::NewConn => "µs/connection",
+            Test::Bulk1 | Test::Bulk4 => "s/GB",
         }
     }
 }
@@ -40,6 +73,8 @@ struct CpuUse {
     backend: f64,
     /// wrk or the iperf3 client.
     client: f64,
+    /// Everything the machine did, interrupts and softirq included.
+    machine: f64,
     /// Everything else on the machine: a measure of how noisy the run was.
     others: f64,
     wall: f64,
@@ -59,7 +94,7 @@ struct CpuProbe {
     proxy: Option<u64>,
     backend: u64,
     client: u64,
-    machine: u64,
+    machine: MachineTicks,
     started: Instant,
     ticks_per_sec: f64,
 }
@@ -72,7 +107,7 @@ impl CpuProbe {
             proxy: proxy_pid.map(cpu_ticks).transpose()?,
             backend: cpu_ticks(backend_pid)?,
             client: reaped_children_ticks()?,
-            machine: machine_busy_ticks()?,
+            machine: machine_ticks()?,
             started: Instant::now(),
             ticks_per_sec,
         })
@@ -88,12 +123,16 @@ impl CpuProbe {
         };
         let backend = secs(cpu_ticks(self.backend_pid)? - self.backend);
         let client = secs(reaped_children_ticks()? - self.client);
-        let machine = secs(machine_busy_ticks()? - self.machine);
-        let others = (machine - proxy.unwrap_or(0.0) - backend - client).max(0.0);
+        let now = machine_ticks()?;
+        // "others" keeps leaving interrupt time out, as it always has: it is
+        // a noise indicator, and our own loopback softirq is not noise.
+        let without_irq = secs(now.busy_without_irq - self.machine.busy_without_irq);
+        let others = (without_irq - proxy.unwrap_or(0.0) - backend - client).max(0.0);
         Ok(CpuUse {
             proxy,
             backend,
             client,
+            machine: secs(now.busy - self.machine.busy),
             others,
             wall,
         })
@@ -111,15 +150,18 @@ pub fn run(
     samples: &mut Samples,
 ) -> Result<String> {
     let proxy_pid = running.proxy.as_ref().map(|p| p.pid());
-    let backend_pid = match test {
-        Test::KeepAlive | Test::NewConn => backends.origin.pid(),
-        Test::Bulk1 | Test::Bulk4 => backends.iperf.pid(),
+    let backend_pid = if test.is_bulk() {
+        backends.iperf.pid()
+    } else {
+        backends.origin.pid()
     };
     let probe = CpuProbe::start(proxy_pid, backend_pid, ticks_per_sec)?;
     let summary = match test {
-        Test::KeepAlive | Test::NewConn => {
-            let close = test == Test::NewConn;
-            let result = wrk(running.http_port, secs, close)?;
+        Test::KeepAlive | Test::NewConn | Test::Passthrough => {
+            let result = match test {
+                Test::Passthrough => wrk_passthrough(running.pass_port, secs)?,
+                _ => wrk(running.http_port, secs, test == Test::NewConn)?,
+            };
             let cpu = probe.finish()?;
             record_http(test, running, &result, &cpu, samples)
         }
@@ -152,34 +194,18 @@ fn record_http(
     cpu: &CpuUse,
     samples: &mut Samples,
 ) -> String {
-    let [rate, p50, p99, per_unit, proxy_load, origin_load, client_load] =
-        if test == Test::KeepAlive {
-            [
-                Figure::KeepAliveRate,
-                Figure::KeepAliveP50,
-                Figure::KeepAliveP99,
-                Figure::KeepAliveCpuPerReq,
-                Figure::KeepAliveProxyLoad,
-                Figure::KeepAliveOriginLoad,
-                Figure::KeepAliveClientLoad,
-            ]
-        } else {
-            [
-                Figure::NewConnRate,
-                Figure::NewConnP50,
-                Figure::NewConnP99,
-                Figure::NewConnCpuPerConn,
-                Figure::NewConnProxyLoad,
-                Figure::NewConnOriginLoad,
-                Figure::NewConnClientLoad,
-            ]
-        };
     let target = running.target;
-    samples.add(target, rate, result.requests_per_sec);
-    samples.add(target, p50, result.p50_us / 1e3);
-    samples.add(target, p99, result.p99_us / 1e3);
-    samples.add(target, origin_load, cpu.load(cpu.backend));
-    samples.add(target, client_load, cpu.load(cpu.client));
+    let figure = |m| Figure::Load(test, m);
+    let per_request = |cpu_secs: f64| cpu_secs * 1e6 / result.requests.max(1) as f64;
+    let machine_per_req = per_request(cpu.machine);
+    samples.add(target, figure(Measure::Rate), result.requests_per_sec);
+    samples.add(target, figure(Measure::P50), result.p50_us / 1e3);
+    samples.add(target, figure(Measure::P99), result.p99_us / 1e3);
+    samples.add(target, figure(Measure::MachineCpu), machine_per_req);
+    let less_others = per_request(cpu.machine - cpu.others);
+    samples.add(target, figure(Measure::MachineLessOthers), less_others);
+    samples.add(target, figure(Measure::BackendLoad), cpu.load(cpu.backend));
+    samples.add(target, figure(Measure::ClientLoad), cpu.load(cpu.client));
     samples.add(target, Figure::OthersLoad, cpu.load(cpu.others));
     samples.add(target, Figure::ClientErrors, result.errors as f64);
     let mut summary = format!(
@@ -192,14 +218,15 @@ fn record_http(
         cpu.load(cpu.others),
     );
     if let Some(proxy_cpu) = cpu.proxy {
-        let us_per_req = proxy_cpu * 1e6 / result.requests.max(1) as f64;
-        samples.add(target, per_unit, us_per_req);
-        samples.add(target, proxy_load, cpu.load(proxy_cpu));
+        let us_per_req = per_request(proxy_cpu);
+        samples.add(target, figure(Measure::ProxyCpu), us_per_req);
+        samples.add(target, figure(Measure::ProxyLoad), cpu.load(proxy_cpu));
         summary += &format!(
             ", proxy {:.0} ({us_per_req:.2} µs/req)",
             cpu.load(proxy_cpu)
         );
     }
+    summary += &format!(" | machine {machine_per_req:.2} µs/req ({less_others:.2} less others)");
     if result.errors > 0 {
         summary += &format!(", {} errors", result.errors);
     }
@@ -213,24 +240,15 @@ fn record_bulk(
     cpu: &CpuUse,
     samples: &mut Samples,
 ) -> String {
-    let [rate, per_gb, proxy_load, server_load] = if test == Test::Bulk1 {
-        [
-            Figure::Bulk1Gbps,
-            Figure::Bulk1CpuPerGb,
-            Figure::Bulk1ProxyLoad,
-            Figure::Bulk1ServerLoad,
-        ]
-    } else {
-        [
-            Figure::Bulk4Gbps,
-            Figure::Bulk4CpuPerGb,
-            Figure::Bulk4ProxyLoad,
-            Figure::Bulk4ServerLoad,
-        ]
-    };
     let target = running.target;
-    samples.add(target, rate, result.gbit_per_sec);
-    samples.add(target, server_load, cpu.load(cpu.backend));
+    let figure = |m| Figure::Load(test, m);
+    let per_gb = |cpu_secs: f64| cpu_secs / (result.bytes as f64 / 1e9).max(1e-9);
+    let machine_per_gb = per_gb(cpu.machine);
+    samples.add(target, figure(Measure::Rate), result.gbit_per_sec);
+    samples.add(target, figure(Measure::MachineCpu), machine_per_gb);
+    let less_others = per_gb(cpu.machine - cpu.others);
+    samples.add(target, figure(Measure::MachineLessOthers), less_others);
+    samples.add(target, figure(Measure::BackendLoad), cpu.load(cpu.backend));
     samples.add(target, Figure::OthersLoad, cpu.load(cpu.others));
     let mut summary = format!(
         "{:.2} Gbit/s | CPU %: iperf3 client {:.0}, server {:.0}, others {:.0}",
@@ -240,10 +258,11 @@ fn record_bulk(
         cpu.load(cpu.others),
     );
     if let Some(proxy_cpu) = cpu.proxy {
-        let per = proxy_cpu / (result.bytes as f64 / 1e9).max(1e-9);
-        samples.add(target, per_gb, per);
-        samples.add(target, proxy_load, cpu.load(proxy_cpu));
+        let per = per_gb(proxy_cpu);
+        samples.add(target, figure(Measure::ProxyCpu), per);
+        samples.add(target, figure(Measure::ProxyLoad), cpu.load(proxy_cpu));
         summary += &format!(", proxy {:.0} ({per:.3} s/GB)", cpu.load(proxy_cpu));
     }
+    summary += &format!(" | machine {machine_per_gb:.3} s/GB ({less_others:.3} less others)");
     summary
 }

@@ -4,18 +4,27 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::thread;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
 
+use crate::certs::server_certificate;
 use crate::config::{dir_str, nginx_command, write_config};
 use crate::procs::{free_port, wait_http_ok, wait_listening, Guard};
+use crate::splice::Splice;
+use crate::tls_probe::https_ok;
 use crate::tools::{path_of, NGINX_STREAM_MODULE};
 
 const ORIGIN_TEMPLATE: &str = include_str!("../templates/origin-nginx.conf");
 const HAPROXY_TEMPLATE: &str = include_str!("../templates/haproxy.cfg");
 const NGINX_STREAM_TEMPLATE: &str = include_str!("../templates/nginx-stream.conf");
 const FLEETGATE_TEMPLATE: &str = include_str!("../templates/fleetgate.toml");
+
+/// The server name the passthrough clients send (SNI) and every proxy's
+/// passthrough rule routes on. wrk sends the URL's host as SNI, and
+/// `localhost` resolves to 127.0.0.1.
+pub const PASS_SNI: &str = "localhost";
 
 /// How long a freshly started server gets to come up.
 const STARTUP_LIMIT: Duration = Duration::from_secs(10);
@@ -25,7 +34,7 @@ const STARTUP_LIMIT: Duration = Duration::from_secs(10);
 /// measured against.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Target {
-    Fleetgate,
+    Fleetgate(Splice),
     Haproxy,
     HaproxySplice,
     Nginx,
@@ -33,18 +42,14 @@ pub enum Target {
 }
 
 impl Target {
-    /// The proxies, in the order the report's columns use.
-    pub const PROXIES: [Target; 4] = [
-        Target::Fleetgate,
-        Target::Haproxy,
-        Target::HaproxySplice,
-        Target::Nginx,
-    ];
+    /// The other proxies, in the order the report's columns use (after
+    /// the fleetgate instances).
+    pub const OTHERS: [Target; 3] = [Target::Haproxy, Target::HaproxySplice, Target::Nginx];
 
     /// Column header in the report.
     pub fn label(self) -> &'static str {
         match self {
-            Target::Fleetgate => "fleetgate",
+            Target::Fleetgate(splice) => splice.label(),
             Target::Haproxy => "HAProxy",
             Target::HaproxySplice => "HAProxy(splice)",
             Target::Nginx => "nginx",
@@ -52,22 +57,33 @@ impl Target {
         }
     }
 
-    /// Name accepted by the PROXIES environment variable.
+    /// Name accepted by the PROXIES environment variable (`fleetgate`
+    /// stands for every FLEETGATE_SPLICE mode).
     pub fn key(self) -> &'static str {
         match self {
-            Target::Fleetgate => "fleetgate",
+            Target::Fleetgate(_) => "fleetgate",
             Target::Haproxy => "haproxy",
             Target::HaproxySplice => "haproxy-splice",
             Target::Nginx => "nginx",
             Target::Direct => "direct",
         }
     }
+
+    /// Config and log file names of the target.
+    fn file_key(self) -> &'static str {
+        match self {
+            Target::Fleetgate(splice) => splice.key(),
+            other => other.key(),
+        }
+    }
 }
 
-/// The origin nginx (HTTP) and the iperf3 server (bulk) behind every proxy.
+/// The origin nginx (HTTP and TLS) and the iperf3 server (bulk) behind
+/// every proxy.
 pub struct Backends {
     pub origin: Guard,
     pub origin_port: u16,
+    pub origin_tls_port: u16,
     pub iperf: Guard,
     pub iperf_port: u16,
 }
@@ -77,20 +93,21 @@ pub struct Running {
     pub target: Target,
     pub http_port: u16,
     pub bulk_port: u16,
+    /// TLS passthrough, routed on SNI to the origin's TLS port.
+    pub pass_port: u16,
     /// None for `Direct`, which has no proxy process.
     pub proxy: Option<Guard>,
 }
 
-/// What the proxies' configs can vary beyond ports.
+/// What the proxies' configs can vary beyond ports and splice modes.
 pub struct ProxyOptions {
     pub fleetgate_bin: PathBuf,
-    /// The `splice` value for fleetgate's listeners: `true`, `false` (the
-    /// buffered copy path) or `"auto"`.
-    pub fleetgate_splice: String,
 }
 
 pub fn start_backends(dir: &Path) -> Result<Backends> {
+    server_certificate(dir)?;
     let origin_port = free_port()?;
+    let origin_tls_port = free_port()?;
     let conf = write_config(
         dir,
         "origin-nginx.conf",
@@ -98,6 +115,7 @@ pub fn start_backends(dir: &Path) -> Result<Backends> {
         &[
             ("DIR", dir_str(dir)),
             ("ORIGIN_PORT", origin_port.to_string()),
+            ("ORIGIN_TLS_PORT", origin_tls_port.to_string()),
         ],
     )?;
     let mut origin = Guard::spawn(
@@ -106,6 +124,7 @@ pub fn start_backends(dir: &Path) -> Result<Backends> {
         &dir.join("origin-nginx.out"),
     )?;
     wait_http_ok(&mut origin, origin_port, STARTUP_LIMIT)?;
+    wait_https_ok(&mut origin, origin_tls_port)?;
 
     let iperf_port = free_port()?;
     let mut iperf = Guard::spawn(
@@ -123,15 +142,18 @@ pub fn start_backends(dir: &Path) -> Result<Backends> {
     Ok(Backends {
         origin,
         origin_port,
+        origin_tls_port,
         iperf,
         iperf_port,
     })
 }
 
 /// Starts `target` in front of `backends` and waits until an HTTP request
-/// makes it through to the origin.
+/// makes it through to the origin, and an HTTPS one through passthrough.
+/// `instance` tells apart the files of several starts of the same proxy.
 pub fn start(
     target: Target,
+    instance: &str,
     dir: &Path,
     backends: &Backends,
     opts: &ProxyOptions,
@@ -141,39 +163,64 @@ pub fn start(
             target,
             http_port: backends.origin_port,
             bulk_port: backends.iperf_port,
+            pass_port: backends.origin_tls_port,
             proxy: None,
         });
     }
     let http_port = free_port()?;
     let bulk_port = free_port()?;
+    let pass_port = free_port()?;
+    let name = format!("{}{instance}", target.file_key());
     let vars = vec![
         ("DIR", dir_str(dir)),
+        ("NAME", name.clone()),
         ("HTTP_PORT", http_port.to_string()),
         ("BULK_PORT", bulk_port.to_string()),
+        ("PASS_PORT", pass_port.to_string()),
+        ("PASS_SNI", PASS_SNI.to_string()),
         ("ORIGIN_PORT", backends.origin_port.to_string()),
+        ("ORIGIN_TLS_PORT", backends.origin_tls_port.to_string()),
         ("IPERF_PORT", backends.iperf_port.to_string()),
     ];
-    let mut command = proxy_command(target, dir, vars, opts)?;
-    let log = dir.join(format!("{}.out", target.key()));
+    let mut command = proxy_command(target, &name, dir, vars, opts)?;
+    let log = dir.join(format!("{name}.out"));
     let mut proxy = Guard::spawn(target.label(), &mut command, &log)?;
     wait_http_ok(&mut proxy, http_port, STARTUP_LIMIT)?;
+    wait_https_ok(&mut proxy, pass_port)?;
     Ok(Running {
         target,
         http_port,
         bulk_port,
+        pass_port,
         proxy: Some(proxy),
     })
+}
+
+/// Waits until an HTTPS request with the passthrough SNI gets a 200.
+fn wait_https_ok(guard: &mut Guard, port: u16) -> Result<()> {
+    let deadline = Instant::now() + STARTUP_LIMIT;
+    loop {
+        guard.ensure_running()?;
+        let error = match https_ok(port, PASS_SNI) {
+            Ok(()) => return Ok(()),
+            Err(e) => e,
+        };
+        if Instant::now() > deadline {
+            bail!("127.0.0.1:{port} not serving HTTPS after {STARTUP_LIMIT:?}: {error:#}");
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Writes the target's config and returns the command that runs it in the
 /// foreground as a single process we can watch through /proc.
 fn proxy_command(
     target: Target,
+    name: &str,
     dir: &Path,
     mut vars: Vec<(&str, String)>,
     opts: &ProxyOptions,
 ) -> Result<Command> {
-    let name = target.key();
     match target {
         Target::Haproxy | Target::HaproxySplice => {
             let splice = if target == Target::HaproxySplice {
@@ -190,13 +237,16 @@ fn proxy_command(
         }
         Target::Nginx => {
             vars.push(("STREAM_MODULE", NGINX_STREAM_MODULE.into()));
-            let conf = write_config(dir, "nginx-stream.conf", NGINX_STREAM_TEMPLATE, &vars)?;
+            // A port nothing listens on: where unmatched SNI goes.
+            vars.push(("NO_ROUTE_PORT", free_port()?.to_string()));
+            let conf = write_config(dir, &format!("{name}.conf"), NGINX_STREAM_TEMPLATE, &vars)?;
             Ok(nginx_command(dir, &conf))
         }
-        Target::Fleetgate => {
+        Target::Fleetgate(splice) => {
             vars.push(("ADMIN_PORT", free_port()?.to_string()));
-            vars.push(("SPLICE", opts.fleetgate_splice.clone()));
-            let conf = write_config(dir, "fleetgate.toml", FLEETGATE_TEMPLATE, &vars)?;
+            vars.push(("SPLICE_LINE", splice.config_line().into()));
+            vars.push(("DATA_DIR", dir_str(&dir.join(format!("{name}-data")))));
+            let conf = write_config(dir, &format!("{name}.toml"), FLEETGATE_TEMPLATE, &vars)?;
             let mut cmd = Command::new(&opts.fleetgate_bin);
             cmd.arg("run").arg("-c").arg(conf);
             Ok(cmd)

@@ -6,6 +6,8 @@
 
 // Shared with the L4 bench (benches/l4/); items only that bench uses are
 // dead code here.
+#[path = "../common/certs.rs"]
+mod certs;
 #[allow(dead_code)]
 #[path = "../common/config.rs"]
 mod config;

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use rustls::ClientConfig;
 
+use crate::certs::{openssl, server_certificate, EC_P256};
 use crate::client;
 use crate::config::{dir_str, nginx_command, write_config};
 use crate::procs::{free_port, wait_http_ok, Guard};
@@ -59,29 +60,11 @@ impl Target {
     }
 }
 
-/// One certificate for every server: ECDSA P-256, self-signed, for
-/// 127.0.0.1; and a device CA with one client certificate.
+/// One certificate for every server (ECDSA P-256, self-signed, for
+/// 127.0.0.1), and a device CA with one client certificate.
 pub fn make_certificates(dir: &Path) -> Result<()> {
-    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-    openssl(
-        dir,
-        &[&["req", "-x509"], &ec[..], &["-nodes", "-days", "7"]],
-        &[
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.pem",
-            "-subj",
-            "/CN=127.0.0.1",
-            "-addext",
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-        ],
-    )?;
-    // HAProxy wants certificate and key in one file.
-    let combined = std::fs::read_to_string(dir.join("server.pem"))?
-        + &std::fs::read_to_string(dir.join("server.key"))?;
-    std::fs::write(dir.join("server-combined.pem"), combined)?;
-
+    server_certificate(dir)?;
+    let ec = EC_P256;
     openssl(
         dir,
         &[&["req", "-x509"], &ec[..], &["-nodes", "-days", "7"]],
@@ -126,22 +109,6 @@ pub fn make_certificates(dir: &Path) -> Result<()> {
             "client.pem",
         ],
     )
-}
-
-fn openssl(dir: &Path, parts: &[&[&str]], rest: &[&str]) -> Result<()> {
-    let mut cmd = Command::new("openssl");
-    for part in parts {
-        cmd.args(*part);
-    }
-    cmd.args(rest).current_dir(dir);
-    let out = cmd.output().context("running openssl")?;
-    if !out.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// The origin nginx: plain HTTP and TLS.
