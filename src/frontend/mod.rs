@@ -103,25 +103,22 @@ fn spawn_mode<G: Send + 'static>(
     guard: G,
 ) {
     match &ctx.mode {
-        ModeRuntime::Tcp(_) => tokio::spawn(async move {
-            let ModeRuntime::Tcp(pool) = &ctx.mode else {
-                unreachable!("matched above")
+        ModeRuntime::Tcp(_) => {
+            let client = tcp::Client {
+                stream: client,
+                peer,
+                destination,
             };
-            let seen = tcp::Seen {
-                kind: crate::access_log::Kind::Tcp,
-                started: std::time::Instant::now(),
-                sni: None,
+            tokio::spawn(tcp::serve(client, ctx, guard))
+        }
+        ModeRuntime::Passthrough(_) => {
+            let client = tcp::Client {
+                stream: client,
+                peer,
+                destination,
             };
-            tcp::forward(client, peer, destination, &ctx, pool, seen).await;
-            drop(guard);
-        }),
-        ModeRuntime::Passthrough(_) => tokio::spawn(async move {
-            let ModeRuntime::Passthrough(pt) = &ctx.mode else {
-                unreachable!("matched above")
-            };
-            passthrough::serve(client, peer, destination, &ctx, pt).await;
-            drop(guard);
-        }),
+            tokio::spawn(passthrough::serve(client, ctx, guard))
+        }
         ModeRuntime::Offload(slot) => {
             let slot = slot.clone();
             // The offload path needs only its offload state (which has

@@ -1,15 +1,14 @@
 //! TLS passthrough: read the ClientHello without consuming it, route on
 //! its SNI, then pump the untouched bytes (splice) to the chosen pool.
 
-use std::net::SocketAddr;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
-use tokio::net::TcpStream;
 
-use super::tcp::{Outcome, Seen};
-use super::ListenerShared;
+use super::tcp::{Client, Outcome, Seen};
+use super::{ListenerShared, ModeRuntime};
 use crate::access_log::Kind;
 use crate::balance::Pool;
 use crate::host_match::HostMatch;
@@ -43,14 +42,28 @@ impl Passthrough {
     }
 }
 
-/// `destination`: what a PROXY header declared the client connected to.
-pub async fn serve(
-    client: TcpStream,
-    peer: SocketAddr,
-    destination: Option<SocketAddr>,
-    ctx: &ListenerShared,
-    pt: &Passthrough,
-) {
+/// Serve a connection of a passthrough listener; `guard` counts it as
+/// open until it ends. A plain fn returning an `async move` block for the
+/// reason given at `tcp::serve`.
+// Not an `async fn`: see the doc comment.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<G: Send + 'static>(
+    client: Client,
+    ctx: Arc<ListenerShared>,
+    guard: G,
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let ModeRuntime::Passthrough(pt) = &ctx.mode else {
+            unreachable!("only passthrough listeners spawn this")
+        };
+        route(&client, &ctx, pt).await;
+        drop(guard);
+    }
+}
+
+/// Read the ClientHello, then forward to the pool its name routes to.
+async fn route(client: &Client, ctx: &ListenerShared, pt: &Passthrough) {
+    let peer = client.peer;
     let listener = ctx.plan.name.as_str();
     let started = std::time::Instant::now();
     let reject = |reason: &str, sni: Option<&str>, detail: &dyn std::fmt::Display| {
@@ -80,7 +93,13 @@ pub async fn serve(
             tracing::info!(listener, %peer, reason, "passthrough connection closed: {detail} ({held} rejections suppressed)");
         }
     };
-    let hello = match peek_client_hello(&client, pt.hello_max_bytes, pt.hello_timeout).await {
+    // Boxed: the peek's state lives only until the hello is read.
+    let peek = Box::pin(peek_client_hello(
+        &client.stream,
+        pt.hello_max_bytes,
+        pt.hello_timeout,
+    ));
+    let hello = match peek.await {
         Ok(h) => h,
         Err(e) => return reject(e.reason(), None, &e),
     };
@@ -92,7 +111,7 @@ pub async fn serve(
                 started,
                 sni,
             };
-            super::tcp::forward(client, peer, destination, ctx, pool, seen).await
+            super::tcp::forward(client, ctx, pool, &seen).await
         }
         Err(reason) => reject(
             reason,

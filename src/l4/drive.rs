@@ -26,65 +26,107 @@ pub(super) enum Direction {
     Down,
 }
 
-/// Run both directions to completion under the idle watchdog; an error in
-/// either ends both.
-///
-/// `half_closed` passes a direction's end-of-stream on to its writer, and
-/// is called only while the other direction still runs. Once both have
-/// ended the caller closes both sockets, which tells each peer the same
-/// with a FIN: that saves one `shutdown(2)` on every connection, and both
-/// on a connection-per-request exchange whose two ends arrive together
-/// (HAProxy closes such connections the same way).
-pub(super) async fn drive(
-    a: impl Future<Output = io::Result<()>>,
-    b: impl Future<Output = io::Result<()>>,
+/// Both directions of a connection under the idle watchdog, polled from
+/// the connection's task with `poll_fn`. A struct rather than an `async
+/// fn` so that its few fields are all an idle connection keeps: an async
+/// fn would store its arguments and its `poll_fn` closure's captures both.
+pub(super) struct Drive<'p> {
+    up: &'p Progress<'p>,
+    down: &'p Progress<'p>,
     idle_timeout: Duration,
-    up: &Progress<'_>,
-    down: &Progress<'_>,
-    mut half_closed: impl FnMut(Direction) -> io::Result<()>,
-) -> PumpEnd {
-    let (mut a, mut b) = (pin!(a), pin!(b));
-    let (mut a_done, mut b_done) = (false, false);
-    let mut watchdog = pin!(tokio::time::sleep(idle_timeout));
-    poll_fn(|cx| {
+    up_done: bool,
+    down_done: bool,
+}
+
+/// A direction to poll: `Ready(Ok)` at its end of stream.
+pub(super) trait Way: FnMut(&mut Context<'_>) -> Poll<io::Result<()>> {}
+impl<F: FnMut(&mut Context<'_>) -> Poll<io::Result<()>>> Way for F {}
+
+impl<'p> Drive<'p> {
+    pub(super) fn new(
+        up: &'p Progress<'p>,
+        down: &'p Progress<'p>,
+        idle_timeout: Duration,
+    ) -> Self {
+        Drive {
+            up,
+            down,
+            idle_timeout,
+            up_done: false,
+            down_done: false,
+        }
+    }
+
+    /// Run both directions to completion; an error in either ends both.
+    /// `watchdog` is the connection's idle timer, created with
+    /// `sleep(idle_timeout)` at the start.
+    ///
+    /// `half_closed` passes a direction's end-of-stream on to its writer,
+    /// and is called only while the other direction still runs. Once both
+    /// have ended the caller closes both sockets, which tells each peer the
+    /// same with a FIN: that saves one `shutdown(2)` on every connection,
+    /// and both on a connection-per-request exchange whose two ends arrive
+    /// together (HAProxy closes such connections the same way).
+    pub(super) fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        watchdog: Pin<&mut Sleep>,
+        up: &mut impl Way,
+        down: &mut impl Way,
+        half_closed: &mut impl FnMut(Direction) -> io::Result<()>,
+    ) -> Poll<PumpEnd> {
         // Both directions are polled on every wakeup, so that two ends
         // that arrived together are seen together.
-        let a_ended = match poll_direction(a.as_mut(), &mut a_done, cx) {
+        let up_ended = match poll_direction(up, &mut self.up_done, cx) {
             Err(e) => return Poll::Ready(PumpEnd::Error(e)),
             Ok(ended) => ended,
         };
-        let b_ended = match poll_direction(b.as_mut(), &mut b_done, cx) {
+        let down_ended = match poll_direction(down, &mut self.down_done, cx) {
             Err(e) => return Poll::Ready(PumpEnd::Error(e)),
             Ok(ended) => ended,
         };
-        if a_done && b_done {
+        if self.up_done && self.down_done {
             return Poll::Ready(PumpEnd::Closed);
         }
-        for (ended, direction) in [(a_ended, Direction::Up), (b_ended, Direction::Down)] {
+        for (ended, direction) in [(up_ended, Direction::Up), (down_ended, Direction::Down)] {
             if ended {
                 if let Err(e) = half_closed(direction) {
                     return Poll::Ready(PumpEnd::Error(e));
                 }
             }
         }
-        if idle_expired(cx, watchdog.as_mut(), idle_timeout, up, down) {
+        if idle_expired(cx, watchdog, self.idle_timeout, self.up, self.down) {
             return Poll::Ready(PumpEnd::IdleTimeout);
         }
         Poll::Pending
-    })
-    .await
+    }
+}
+
+/// [`Drive`] as a future, for callers whose size does not matter (tests,
+/// and the relay, whose TLS state dwarfs it).
+pub(super) async fn drive(
+    mut up: impl Way,
+    mut down: impl Way,
+    idle_timeout: Duration,
+    up_progress: &Progress<'_>,
+    down_progress: &Progress<'_>,
+    mut half_closed: impl FnMut(Direction) -> io::Result<()>,
+) -> PumpEnd {
+    let mut drive = Drive::new(up_progress, down_progress, idle_timeout);
+    let mut watchdog = pin!(tokio::time::sleep(idle_timeout));
+    poll_fn(|cx| drive.poll(cx, watchdog.as_mut(), &mut up, &mut down, &mut half_closed)).await
 }
 
 /// Poll a direction that has not ended yet; Ok(true) if it ended now.
 fn poll_direction(
-    direction: Pin<&mut impl Future<Output = io::Result<()>>>,
+    direction: &mut impl Way,
     done: &mut bool,
     cx: &mut Context<'_>,
 ) -> io::Result<bool> {
     if *done {
         return Ok(false);
     }
-    match direction.poll(cx) {
+    match direction(cx) {
         Poll::Ready(r) => {
             *done = true;
             r.map(|()| true)
@@ -135,8 +177,21 @@ mod tests {
     }
 
     /// A direction that never ends, never moves a byte.
-    fn silent() -> impl Future<Output = io::Result<()>> {
-        std::future::pending()
+    fn silent(_: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+
+    /// A direction that has ended.
+    fn ended(_: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// A future as a direction.
+    fn polled<'a>(
+        f: impl std::future::Future<Output = io::Result<()>> + 'a,
+    ) -> impl FnMut(&mut Context<'_>) -> Poll<io::Result<()>> + 'a {
+        let mut f = Box::pin(f);
+        move |cx| f.as_mut().poll(cx)
     }
 
     #[tokio::test(start_paused = true)]
@@ -145,14 +200,9 @@ mod tests {
         let started = Instant::now();
         let (up, down) = (Progress::new(&m1, started), Progress::new(&m2, started));
         WAKES.with(|w| w.set(0));
-        let end = drive(
-            silent(),
-            silent(),
-            Duration::from_secs(300),
-            &up,
-            &down,
-            |_| Ok(()),
-        )
+        let end = drive(silent, silent, Duration::from_secs(300), &up, &down, |_| {
+            Ok(())
+        })
         .await;
         assert!(matches!(end, PumpEnd::IdleTimeout), "{end:?}");
         assert_eq!(started.elapsed(), Duration::from_secs(300));
@@ -176,7 +226,7 @@ mod tests {
             }
             std::future::pending::<io::Result<()>>().await
         };
-        let end = drive(talker, silent(), timeout, &up, &down, |_| Ok(())).await;
+        let end = drive(polled(talker), silent, timeout, &up, &down, |_| Ok(())).await;
         assert!(matches!(end, PumpEnd::IdleTimeout), "{end:?}");
         // Closed exactly one timeout after the last byte (at 60 s).
         assert_eq!(started.elapsed(), Duration::from_secs(70));
@@ -193,17 +243,10 @@ mod tests {
         let started = Instant::now();
         let (up, down) = (Progress::new(&m1, started), Progress::new(&m2, started));
         let mut half_closes = Vec::new();
-        let end = drive(
-            async { Ok(()) },
-            async { Ok(()) },
-            Duration::from_secs(1),
-            &up,
-            &down,
-            |d| {
-                half_closes.push(d);
-                Ok(())
-            },
-        )
+        let end = drive(ended, ended, Duration::from_secs(1), &up, &down, |d| {
+            half_closes.push(d);
+            Ok(())
+        })
         .await;
         assert!(matches!(end, PumpEnd::Closed), "{end:?}");
         assert!(half_closes.is_empty(), "{half_closes:?}");
@@ -220,8 +263,8 @@ mod tests {
             Ok(())
         };
         let end = drive(
-            async { Ok(()) },
-            later,
+            ended,
+            polled(later),
             Duration::from_secs(1),
             &up,
             &down,

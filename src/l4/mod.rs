@@ -3,26 +3,27 @@
 //! move with splice(2) and never enter user space; otherwise (or when
 //! disabled) a buffered copy is used.
 
-mod copy;
 mod drive;
 #[cfg(target_os = "linux")]
 mod pipes;
 pub mod relay;
 #[cfg(target_os = "linux")]
 mod splice;
-#[cfg(target_os = "linux")]
-mod zero_copy;
+mod way;
 
+use std::future::poll_fn;
 use std::io;
 use std::net::Shutdown;
+use std::pin::pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Context;
 use std::time::Duration;
 
 use prometheus::IntCounter;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use drive::{drive, Direction};
+use drive::{Direction, Drive};
 
 #[derive(Debug, Clone, Copy)]
 pub struct PumpConfig {
@@ -163,13 +164,24 @@ pub async fn pump(
     let started = Instant::now();
     let up = Progress::new(&counters.upstream, started);
     let down = Progress::new(&counters.downstream, started);
-    let a = one_way(client, backend, cfg.splice, &up);
-    let b = one_way(backend, client, cfg.splice, &down);
-    let end = drive(a, b, cfg.idle_timeout, &up, &down, |ended| {
+    let mut a = way::Way::new(client, backend, cfg.splice, &up);
+    let mut b = way::Way::new(backend, client, cfg.splice, &down);
+    let mut drive = Drive::new(&up, &down, cfg.idle_timeout);
+    let mut watchdog = pin!(tokio::time::sleep(cfg.idle_timeout));
+    let mut half_closed = |ended| {
         shutdown_write(match ended {
             Direction::Up => backend,
             Direction::Down => client,
         })
+    };
+    let end = poll_fn(|cx| {
+        drive.poll(
+            cx,
+            watchdog.as_mut(),
+            &mut |cx: &mut Context<'_>| a.poll(cx),
+            &mut |cx: &mut Context<'_>| b.poll(cx),
+            &mut half_closed,
+        )
     })
     .await;
     PumpReport {
@@ -177,20 +189,6 @@ pub async fn pump(
         upstream_bytes: up.get(),
         downstream_bytes: down.get(),
     }
-}
-
-async fn one_way(
-    from: &TcpStream,
-    to: &TcpStream,
-    splice: SpliceMode,
-    progress: &Progress<'_>,
-) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    if splice != SpliceMode::Off {
-        return zero_copy::one_way(from, to, splice == SpliceMode::Auto, progress).await;
-    }
-    let _ = splice;
-    copy::one_way(from, to, progress).await
 }
 
 /// Pass a FIN on: the peer sees end-of-stream while the other direction

@@ -5,8 +5,9 @@
 //! until they are written. Idle WebSockets are most of a device fleet.
 
 use std::future::poll_fn;
+use std::future::Future;
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -27,9 +28,11 @@ where
     let down = Progress::new(&counters.downstream, started);
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
+    let mut a = pin!(one_way(ar, bw, &up));
+    let mut b = pin!(one_way(br, aw, &down));
     let end = drive(
-        one_way(ar, bw, &up),
-        one_way(br, aw, &down),
+        |cx| a.as_mut().poll(cx),
+        |cx| b.as_mut().poll(cx),
         idle_timeout,
         &up,
         &down,
