@@ -99,6 +99,19 @@ fn rss(pid: u32) -> Result<(u64, u64)> {
     Ok((field("VmRSS:"), field("RssAnon:")))
 }
 
+/// The kernel's slab memory, machine-wide (KiB): where the sockets' own
+/// memory goes, which no process's RSS shows.
+fn slab() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("Slab:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn healthy(admin: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&admin, Duration::from_millis(200)) else {
         return false;
@@ -148,6 +161,8 @@ struct Readings {
     after: Option<(u64, u64, f64)>,
     /// VmRSS samples while held (KiB), for seeing that it settled.
     held: Vec<u64>,
+    /// The machine's slab before the channels and at the end of the hold.
+    slab: (u64, u64),
 }
 
 fn main() {
@@ -243,6 +258,7 @@ fn run() -> Result<()> {
     for line in rx {
         if line.contains("opening the command WebSockets") {
             r.before = Some(rss(pid)?);
+            r.slab.0 = slab();
         } else if line.contains("steady phase") {
             let start = Instant::now();
             while start.elapsed() < s.hold {
@@ -253,16 +269,17 @@ fn run() -> Result<()> {
                     r.after = Some((vm, anon, start.elapsed().as_secs_f64()));
                 }
             }
+            r.slab.1 = slab();
         }
     }
     let status = sim.0.wait()?;
     let report: Value = serde_json::from_str(&json.join().unwrap_or_default())
         .with_context(|| format!("simulator output ({status})"))?;
     drop(fg);
-    print_report(&s, &r, &report)
+    print_report(&r, &report)
 }
 
-fn print_report(s: &Settings, r: &Readings, report: &Value) -> Result<()> {
+fn print_report(r: &Readings, report: &Value) -> Result<()> {
     let (Some(before), Some(after)) = (r.before, r.after) else {
         bail!("the simulator did not reach the steady phase: {report}");
     };
@@ -307,6 +324,12 @@ fn print_report(s: &Settings, r: &Readings, report: &Value) -> Result<()> {
             .map(|(v, n)| format!("{v} ×{n}"))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    // Each channel is two sockets here, the balancer's and the device's.
+    println!(
+        "- kernel slab: {:.2} KiB per socket ((after − before) ÷ {} sockets; machine-wide, so other processes add noise)",
+        per(r.slab.1, r.slab.0, 2 * held),
+        2 * held
     );
     println!(
         "- simulator: {enrolled} devices enrolled in {:.1} s ({:.0}/s); {opened} channels opened in {:.1} s (open p50 {:.1} ms, p99 {:.1} ms), {} failed, {} lost while held",
