@@ -325,7 +325,8 @@ impl RecordLayer {
                 return Ok((used, Opened::NeedInput));
             }
             let len = usize::from(u16::from_be_bytes([rest[3], rest[4]]));
-            if rest[0] != CONTENT_APPLICATION_DATA || len > MAX_CIPHERTEXT || len < TAG_LEN + 1 {
+            if rest[0] != CONTENT_APPLICATION_DATA || !(TAG_LEN + 1..=MAX_CIPHERTEXT).contains(&len)
+            {
                 return Err(invalid("unexpected TLS record after the handshake"));
             }
             if rest.len() < HEADER_LEN + len {
