@@ -51,6 +51,13 @@ const TX_UPDATE_AT: u64 = 1 << 23;
 /// How many key updates rustls may have followed before the connection
 /// went idle, for the logged secret 0 to be brought up to date.
 const MAX_EARLIER_UPDATES: usize = 64;
+/// At most this many connections' secrets wait to be taken (from the
+/// server's Finished to the end of the handshake). A handshake whose
+/// ClientHello fleetgate's parser could not read (rustls accepts one kind,
+/// a server name with a trailing dot) leaves its secrets behind: past this
+/// many, they are all dropped, and the connections whose secrets went with
+/// them keep rustls' state instead.
+const MAX_WAITING: usize = 65_536;
 
 /// One traffic secret (SHA-256 or SHA-384 long).
 #[derive(Clone)]
@@ -114,6 +121,9 @@ impl KeyLog for SecretCapture {
             return;
         };
         let mut map = captured();
+        if map.len() >= MAX_WAITING && !map.contains_key(&random) {
+            map.clear();
+        }
         let entry = map.entry(random).or_insert(Secrets {
             client: None,
             server: None,
@@ -363,20 +373,17 @@ impl RecordLayer {
     }
 
     /// The only handshake message a client sends after the handshake (no
-    /// post-handshake authentication is asked for): KeyUpdate, each in
-    /// whole in the record that carries it (RFC 8446 5.1).
-    fn handshake(&mut self, mut messages: &[u8]) -> io::Result<()> {
-        while !messages.is_empty() {
-            match messages {
-                [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request, rest @ ..] if *request <= 1 => {
-                    self.rx.update(self.suite);
-                    self.update_tx |= *request == 1;
-                    messages = rest;
-                }
-                _ => return Err(invalid("unexpected handshake message after the handshake")),
+    /// post-handshake authentication is asked for): KeyUpdate, alone at
+    /// the end of its record, as the key changes after it (RFC 8446 5.1).
+    fn handshake(&mut self, message: &[u8]) -> io::Result<()> {
+        match message {
+            [HANDSHAKE_KEY_UPDATE, 0, 0, 1, request] if *request <= 1 => {
+                self.rx.update(self.suite);
+                self.update_tx |= *request == 1;
+                Ok(())
             }
+            _ => Err(invalid("unexpected handshake message after the handshake")),
         }
-        Ok(())
     }
 
     /// Append `data` (at most one record's worth) as an application data
