@@ -49,6 +49,8 @@ pub struct ClientHelloInfo {
     /// Bytes of the stream, record headers included, up to the last byte
     /// of the ClientHello.
     pub wire_len: usize,
+    /// ClientHello.random: what a key log names the connection by.
+    pub random: [u8; 32],
 }
 
 impl ClientHelloInfo {
@@ -262,7 +264,10 @@ fn parse_body(body: &[u8]) -> Result<ClientHelloInfo, HelloError> {
     if legacy_version >> 8 != 3 {
         return Err(HelloError::Malformed("legacy_version is not 3.x"));
     }
-    r.take(32, "truncated random")?;
+    let random: [u8; 32] = r
+        .take(32, "truncated random")?
+        .try_into()
+        .expect("32 bytes were taken");
     let session_id = r.vec8("truncated session id")?;
     if session_id.buf.len() > 32 {
         return Err(HelloError::Malformed("session id longer than 32 bytes"));
@@ -281,6 +286,7 @@ fn parse_body(body: &[u8]) -> Result<ClientHelloInfo, HelloError> {
         legacy_version,
         supported_versions: Vec::new(),
         wire_len: 0,
+        random,
     };
     if r.is_empty() {
         return Ok(info);

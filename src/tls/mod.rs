@@ -30,6 +30,7 @@ pub mod client_hello;
 mod error;
 pub mod forward;
 pub mod inventory;
+pub mod records;
 pub mod refusal;
 pub mod revocation;
 pub mod server;

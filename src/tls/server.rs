@@ -141,6 +141,11 @@ pub fn build_server_config(opts: &ServerTlsOptions) -> Result<Arc<ServerConfig>,
     };
     let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = opts.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    // An idle TLS 1.3 connection trades rustls' connection state for its
+    // bare record protection (server_stream.rs, records.rs): rustls hands
+    // the keys over, the key log the secrets that key updates derive from.
+    config.enable_secret_extraction = true;
+    config.key_log = Arc::new(crate::tls::records::SecretCapture);
     if opts.session_resumption {
         config.session_storage = ServerSessionMemoryCache::new(opts.session_cache_size.max(1));
         config.ticketer = rustls::crypto::ring::Ticketer::new()?;

@@ -11,6 +11,13 @@
 //! connection owns a buffer only for what is actually pending (a partial
 //! record, plaintext its reader had no room for, ciphertext the socket
 //! would not take) and frees it once that is gone.
+//!
+//! rustls' connection state itself is the larger part of what an idle
+//! connection holds (its handshake deframer, the client's certificates,
+//! record queues, the key schedule's state machine): the first time an
+//! established TLS 1.3 connection waits for the client with nothing
+//! pending, it hands its records over to [`RecordLayer`] (records.rs),
+//! which keeps only the keys. TLS 1.2 connections keep rustls.
 
 use std::future::poll_fn;
 use std::io::{self, IoSlice};
@@ -19,9 +26,7 @@ use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 
 use rustls::server::UnbufferedServerConnection;
-use rustls::unbuffered::{
-    AppDataRecord, ConnectionState, EncodeError, EncryptError, UnbufferedStatus,
-};
+use rustls::unbuffered::{ConnectionState, EncodeError, EncryptError, UnbufferedStatus};
 use rustls::{CommonState, ServerConfig};
 use socket2::SockRef;
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
@@ -29,6 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::scratch::{self, TLS_GATHER, TLS_READ, TLS_WRITE};
 use crate::tls::client_hello::{self, HelloError, Parsed, HANDSHAKE_HEADER_LEN, RECORD_HEADER_LEN};
+use crate::tls::records::{self, ClientRandom, Opened, RecordLayer, Secrets};
 use crate::tls::refusal::{Reason, Refused};
 
 /// Socket reads and plaintext writes go through buffers of this size: one
@@ -51,7 +57,7 @@ const ALERT_DECODE_ERROR: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x32];
 /// A server-side TLS stream over a TCP socket; see the module docs.
 pub struct ServerStream {
     tcp: TcpStream,
-    conn: UnbufferedServerConnection,
+    session: Session,
     /// Received bytes rustls has not consumed yet: the start of a record.
     incoming: Vec<u8>,
     /// Decrypted bytes the reader had no room for, from `plain_pos` on.
@@ -65,6 +71,30 @@ pub struct ServerStream {
     /// Our close_notify is queued: nothing more may be written.
     close_sent: bool,
     sni: Option<String>,
+}
+
+/// Who protects the connection's records.
+enum Session {
+    /// rustls: the handshake, and the traffic until the connection first
+    /// waits idle (for good on TLS 1.2). `secrets` are the application
+    /// traffic secrets the key log captured (TLS 1.3).
+    Rustls {
+        conn: Box<UnbufferedServerConnection>,
+        secrets: Option<Box<Secrets>>,
+    },
+    /// The bare TLS 1.3 record layer, from the first idle wait on.
+    Records(Box<RecordLayer>),
+    /// rustls' state was given up and the record layer refused what it
+    /// handed over (never seen but with a client reusing another's
+    /// ClientHello random): the connection cannot go on.
+    Failed,
+}
+
+fn handover_failed() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        "the TLS session could not be handed to the record layer",
+    )
 }
 
 /// What rustls is asked to do besides consuming the input it is given.
@@ -117,7 +147,10 @@ impl ServerStream {
         };
         let mut s = ServerStream {
             tcp,
-            conn,
+            session: Session::Rustls {
+                conn: Box::new(conn),
+                secrets: None,
+            },
             incoming: Vec::new(),
             plain: Vec::new(),
             plain_pos: 0,
@@ -129,7 +162,14 @@ impl ServerStream {
         };
         let mut progress = Progress::default();
         match s.handshake(hello_max_bytes, &mut progress).await {
-            Ok(()) => Ok(s),
+            Ok(()) => {
+                if let (Some(random), Session::Rustls { secrets, .. }) =
+                    (progress.random.0.take(), &mut s.session)
+                {
+                    *secrets = records::take_secrets(&random).map(Box::new);
+                }
+                Ok(s)
+            }
             Err(error) => {
                 // Bytes the hello parser found not to be a ClientHello
                 // went to rustls for its alert: the parser's verdict is
@@ -172,7 +212,7 @@ impl ServerStream {
             // message may fail in the same run, above).
             progress.after_hello |= s.out_pos < s.outgoing.len();
             poll_fn(|cx| s.poll_flush_out(cx)).await?;
-            if !s.conn.is_handshaking() {
+            if !s.rustls().is_handshaking() {
                 break;
             }
             if s.read_closed {
@@ -216,7 +256,10 @@ impl ServerStream {
         let max = max.max(RECORD_HEADER_LEN + HANDSHAKE_HEADER_LEN);
         loop {
             match hello_state(&self.incoming, max) {
-                Ok(Hello::Complete { sni }) => return Ok(sni),
+                Ok(Hello::Complete { sni, random }) => {
+                    progress.random.0 = Some(random);
+                    return Ok(sni);
+                }
                 Ok(Hello::Unparsed(e)) => {
                     progress.unparsed = Some(e);
                     return Ok(None);
@@ -252,8 +295,60 @@ impl ServerStream {
     }
 
     /// The negotiated session: version, ALPN, the client's certificates.
+    /// Read it before the stream: an idle TLS 1.3 connection gives rustls'
+    /// state up (and this panics after that).
     pub fn session(&self) -> &CommonState {
-        &self.conn
+        match &self.session {
+            Session::Rustls { conn, .. } => conn,
+            _ => panic!("the TLS session is read after the records were handed over"),
+        }
+    }
+
+    /// rustls' connection, during the handshake.
+    fn rustls(&mut self) -> &mut UnbufferedServerConnection {
+        match &mut self.session {
+            Session::Rustls { conn, .. } => conn,
+            _ => unreachable!("the records are handed over after the handshake"),
+        }
+    }
+
+    /// The first time an established TLS 1.3 connection waits for the
+    /// client with nothing pending either way, it gives rustls' state up
+    /// for the bare record layer (records.rs).
+    fn hand_over_when_idle(&mut self) {
+        let Session::Rustls { conn, secrets } = &self.session else {
+            return;
+        };
+        let pending = !self.incoming.is_empty()
+            || self.plain_pos < self.plain.len()
+            || self.out_pos < self.outgoing.len();
+        if secrets.is_none() || pending || self.read_closed || self.close_sent {
+            return;
+        }
+        if conn.is_handshaking()
+            || conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+        {
+            return;
+        }
+        let Some(suite) = conn.negotiated_cipher_suite().map(|s| s.suite()) else {
+            return;
+        };
+        if !RecordLayer::supports(suite) {
+            return;
+        }
+        let Session::Rustls { conn, secrets } =
+            std::mem::replace(&mut self.session, Session::Failed)
+        else {
+            unreachable!("matched above")
+        };
+        let Some(secrets) = secrets else {
+            unreachable!("checked above")
+        };
+        if let Ok((handed, _)) = conn.dangerous_into_kernel_connection() {
+            if let Some(layer) = RecordLayer::new(suite, *secrets, handed) {
+                self.session = Session::Records(Box::new(layer));
+            }
+        }
     }
 
     /// The server name the client asked for (SNI), lowercased.
@@ -296,10 +391,15 @@ impl ServerStream {
             Some(o) => o,
             None => &mut self.outgoing,
         };
+        let Session::Rustls { conn, .. } = &mut self.session else {
+            return Err(Failed {
+                used: 0,
+                error: handover_failed(),
+            });
+        };
         let mut used = 0;
         loop {
-            let UnbufferedStatus { discard, state } =
-                self.conn.process_tls_records(&mut input[used..]);
+            let UnbufferedStatus { discard, state } = conn.process_tls_records(&mut input[used..]);
             let state = match state {
                 Ok(state) => state,
                 Err(e) => {
@@ -319,13 +419,13 @@ impl ServerStream {
                             Want::Read(d) => d.as_deref_mut(),
                             _ => None,
                         };
-                        deliver(rec, dest, &mut self.plain, &mut self.plain_pos);
+                        deliver(rec.payload, dest, &mut self.plain, &mut self.plain_pos);
                     }
                 }
                 ConnectionState::ReadEarlyData(mut r) => {
                     while let Some(rec) = r.next_record() {
                         let rec = rec.map_err(|e| fail(tls_error(e)))?;
-                        deliver(rec, None, &mut self.plain, &mut self.plain_pos);
+                        deliver(rec.payload, None, &mut self.plain, &mut self.plain_pos);
                     }
                 }
                 ConnectionState::EncodeTlsData(mut e) => {
@@ -385,7 +485,7 @@ impl ServerStream {
     /// may still hold positions in it (a partial handshake message), and
     /// an empty buffer in its place makes it index out of bounds.
     fn send_alert(&mut self, input: &mut [u8]) {
-        let UnbufferedStatus { state, .. } = self.conn.process_tls_records(input);
+        let UnbufferedStatus { state, .. } = self.rustls().process_tls_records(input);
         if let Ok(ConnectionState::EncodeTlsData(mut e)) = state {
             let mut buf = [0u8; 64];
             if let Ok(n) = e.encode(&mut buf) {
@@ -457,8 +557,37 @@ impl ServerStream {
     }
 
     fn run_read(&mut self, input: &mut [u8], dest: &mut ReadBuf<'_>) -> io::Result<usize> {
-        let (used, _) = self.run(input, Want::Read(Some(dest)))?;
+        let Session::Records(layer) = &mut self.session else {
+            let (used, _) = self.run(input, Want::Read(Some(dest)))?;
+            return Ok(used);
+        };
+        let (plain, plain_pos) = (&mut self.plain, &mut self.plain_pos);
+        let mut dest = Some(dest);
+        let (used, opened) = layer.open(input, |payload| {
+            deliver(payload, dest.as_deref_mut(), plain, plain_pos)
+        })?;
+        if opened == Opened::Closed {
+            self.read_closed = true;
+        }
         Ok(used)
+    }
+
+    /// Encrypt `data` into `out` as records.
+    fn encrypt(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        match &mut self.session {
+            Session::Records(layer) => return layer.seal(data, out),
+            Session::Failed => return Err(handover_failed()),
+            Session::Rustls { .. } => {}
+        }
+        let mut input = std::mem::take(&mut self.incoming);
+        let ran = self.run_into(&mut input, Want::Write(data), Some(out));
+        self.incoming = input;
+        let (used, stop) = ran?;
+        self.incoming.drain(..used);
+        if stop != Stop::Done {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        }
+        Ok(())
     }
 
     /// Encrypt `data` and send what the socket takes now; the rest waits in
@@ -466,14 +595,7 @@ impl ServerStream {
     fn send(&mut self, data: &[u8]) -> io::Result<()> {
         TLS_WRITE.with(|out| {
             out.clear();
-            let mut input = std::mem::take(&mut self.incoming);
-            let ran = self.run_into(&mut input, Want::Write(data), Some(out));
-            self.incoming = input;
-            let (used, stop) = ran?;
-            self.incoming.drain(..used);
-            if stop != Stop::Done {
-                return Err(io::ErrorKind::BrokenPipe.into());
-            }
+            self.encrypt(data, out)?;
             let sent = match self.tcp.try_write(out) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
@@ -493,12 +615,11 @@ impl ServerStream {
 
 /// Copy a decrypted record to the reader, keeping what does not fit.
 fn deliver(
-    rec: AppDataRecord<'_>,
+    mut payload: &[u8],
     dest: Option<&mut ReadBuf<'_>>,
     plain: &mut Vec<u8>,
     plain_pos: &mut usize,
 ) {
-    let mut payload = rec.payload;
     if let Some(dest) = dest {
         if plain.len() == *plain_pos {
             let n = payload.len().min(dest.remaining());
@@ -589,7 +710,10 @@ enum Hello {
     /// It can go to rustls. `sni` is its server name, lowercased, as
     /// rustls reads it: an IP address is no name, a name that is not a
     /// DNS name is refused by rustls itself.
-    Complete { sni: Option<String> },
+    Complete {
+        sni: Option<String>,
+        random: ClientRandom,
+    },
     /// Bytes that are not a well-formed ClientHello: they also go to
     /// rustls, which refuses them with the right alert, and have no name
     /// (the one such hello rustls accepts is a name with a trailing dot,
@@ -606,6 +730,21 @@ struct Progress {
     after_hello: bool,
     /// The client closed (or reset) before sending a byte.
     silent: bool,
+    /// The ClientHello's random, whose logged secrets are dropped if the
+    /// handshake does not complete (or its future is dropped, at the
+    /// handshake timeout).
+    random: ForgetSecrets,
+}
+
+#[derive(Debug, Default)]
+struct ForgetSecrets(Option<ClientRandom>);
+
+impl Drop for ForgetSecrets {
+    fn drop(&mut self) {
+        if let Some(random) = &self.0 {
+            records::forget_secrets(random);
+        }
+    }
 }
 
 /// Whether the ClientHello at the start of `incoming` is complete. A hello
@@ -613,7 +752,10 @@ struct Progress {
 /// records without ending, is too large.
 fn hello_state(incoming: &[u8], max: usize) -> Result<Hello, HelloError> {
     match client_hello::parse_with_limit(incoming, max) {
-        Ok(Parsed::Hello(info)) => Ok(Hello::Complete { sni: info.sni }),
+        Ok(Parsed::Hello(info)) => Ok(Hello::Complete {
+            sni: info.sni,
+            random: info.random,
+        }),
         Ok(Parsed::NeedMore) if incoming.len() >= max => Err(HelloError::TooLarge { limit: max }),
         Ok(Parsed::NeedMore) => Ok(Hello::Incomplete),
         Err(e @ HelloError::TooLarge { .. }) => Err(e),
@@ -655,7 +797,13 @@ impl AsyncRead for ServerStream {
                 }
             }
             let before = buf.filled().len();
-            let n = ready!(this.poll_receive(cx, buf))?;
+            let n = match this.poll_receive(cx, buf) {
+                Poll::Ready(n) => n?,
+                Poll::Pending => {
+                    this.hand_over_when_idle();
+                    return Poll::Pending;
+                }
+            };
             if n == 0 {
                 // The client closed its side without close_notify, as
                 // many do; to the reader this is the end of the stream.
@@ -733,13 +881,18 @@ impl AsyncWrite for ServerStream {
         let this = self.get_mut();
         if !this.close_sent {
             ready!(this.poll_flush_out(cx))?;
-            let mut input = std::mem::take(&mut this.incoming);
-            let ran = this.run(&mut input, Want::Close);
-            this.incoming = input;
-            this.close_sent = true;
-            if let Ok((used, _)) = ran {
-                this.incoming.drain(..used);
+            if let Session::Records(layer) = &mut this.session {
+                // Best effort, as with rustls below: the FIN follows.
+                let _ = layer.close_notify(&mut this.outgoing);
+            } else {
+                let mut input = std::mem::take(&mut this.incoming);
+                let ran = this.run(&mut input, Want::Close);
+                this.incoming = input;
+                if let Ok((used, _)) = ran {
+                    this.incoming.drain(..used);
+                }
             }
+            this.close_sent = true;
         }
         ready!(this.poll_flush_out(cx))?;
         Pin::new(&mut this.tcp).poll_shutdown(cx)
@@ -773,13 +926,26 @@ mod tests {
         min: MinVersion,
         client_versions: &[&'static rustls::SupportedProtocolVersion],
     ) -> Setup {
+        setup_with_suites(min, client_versions, None)
+    }
+
+    /// `setup`, the client offering only `suites` when given.
+    fn setup_with_suites(
+        min: MinVersion,
+        client_versions: &[&'static rustls::SupportedProtocolVersion],
+        suites: Option<Vec<rustls::SupportedCipherSuite>>,
+    ) -> Setup {
+        let mut provider = rustls::crypto::ring::default_provider();
+        if let Some(suites) = suites {
+            provider.cipher_suites = suites;
+        }
         let pki = Pki::new("stream CA");
         let mut opts = ServerTlsOptions::new(pki.server("api.test").certified());
         opts.min_version = min;
         opts.alpn = vec!["http/1.1".into()];
         let server = build_server_config(&opts).unwrap();
         let base = client_config(pki.roots(), None, &["http/1.1"]);
-        let mut client = ClientConfig::builder_with_provider(crate::tls::provider())
+        let mut client = ClientConfig::builder_with_provider(Arc::new(provider))
             .with_protocol_versions(client_versions)
             .unwrap()
             .with_root_certificates(pki.roots())
@@ -829,7 +995,13 @@ mod tests {
             .collect()
     }
 
-    async fn echo_round_trip(setup: Setup, via: Option<SocketAddr>) {
+    fn handed_over(s: &ServerStream) -> bool {
+        matches!(s.session, Session::Records(_))
+    }
+
+    /// Echo 3 MiB; returns whether the server's side handed its records
+    /// over to the bare record layer on the way.
+    async fn echo_round_trip(setup: Setup, via: Option<SocketAddr>) -> bool {
         let (l, addr) = listen().await;
         let server = tokio::spawn(async move {
             let (tcp, _) = l.accept().await.unwrap();
@@ -861,6 +1033,7 @@ mod tests {
         assert_eq!(s.incoming.capacity(), 0);
         assert_eq!(s.plain.capacity(), 0);
         assert_eq!(s.outgoing.capacity(), 0);
+        handed_over(&s)
     }
 
     /// The name comes from the ClientHello as fleetgate parsed it before
@@ -911,12 +1084,30 @@ mod tests {
 
     #[tokio::test]
     async fn echoes_bulk_data_over_tls13() {
-        echo_round_trip(setup(MinVersion::Tls12, &[&rustls::version::TLS13]), None).await;
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        assert!(echo_round_trip(setup, None).await, "handed over");
+    }
+
+    /// Every TLS 1.3 suite the ring provider has, on the bare record layer.
+    #[tokio::test]
+    async fn echoes_over_each_tls13_suite_after_the_hand_over() {
+        for suite in [
+            rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            rustls::crypto::ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ] {
+            let setup = setup_with_suites(
+                MinVersion::Tls12,
+                &[&rustls::version::TLS13],
+                Some(vec![suite]),
+            );
+            assert!(echo_round_trip(setup, None).await, "{suite:?} handed over");
+        }
     }
 
     #[tokio::test]
     async fn echoes_bulk_data_over_tls12() {
-        echo_round_trip(setup(MinVersion::Tls12, &[&rustls::version::TLS12]), None).await;
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS12]);
+        assert!(!echo_round_trip(setup, None).await, "TLS 1.2 keeps rustls");
     }
 
     /// A relay that passes the client's bytes on a few at a time: every
@@ -980,7 +1171,8 @@ mod tests {
             let s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
                 .await
                 .unwrap();
-            echo(s).await.unwrap();
+            let s = echo(s).await.unwrap();
+            assert!(handed_over(&s), "the updates reached the record layer");
         });
         let mut c = connect(addr, setup.client).await.unwrap();
         for round in 0..5u8 {
@@ -1010,6 +1202,36 @@ mod tests {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         });
         let mut c = connect(addr, setup.client).await.unwrap();
+        let mut got = Vec::new();
+        // read_to_end fails with UnexpectedEof unless close_notify came.
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"bye");
+    }
+
+    /// An idle connection hands its records over; afterwards it still
+    /// writes, and its shutdown sends close_notify from the record layer.
+    #[tokio::test]
+    async fn after_the_hand_over_shutdown_sends_close_notify() {
+        let setup = setup(MinVersion::Tls12, &[&rustls::version::TLS13]);
+        let (l, addr) = listen().await;
+        tokio::spawn(async move {
+            let (tcp, _) = l.accept().await.unwrap();
+            let mut s = ServerStream::accept(tcp, setup.server, HELLO_MAX)
+                .await
+                .unwrap();
+            let mut hi = [0u8; 2];
+            s.read_exact(&mut hi).await.unwrap();
+            // The client sends nothing more: the read waits, idle.
+            let mut more = [0u8; 1];
+            let idle = std::time::Duration::from_millis(200);
+            assert!(tokio::time::timeout(idle, s.read(&mut more)).await.is_err());
+            assert!(handed_over(&s));
+            s.write_all(b"bye").await.unwrap();
+            s.shutdown().await.unwrap();
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+        });
+        let mut c = connect(addr, setup.client).await.unwrap();
+        c.write_all(b"hi").await.unwrap();
         let mut got = Vec::new();
         // read_to_end fails with UnexpectedEof unless close_notify came.
         c.read_to_end(&mut got).await.unwrap();
