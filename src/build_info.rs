@@ -71,7 +71,7 @@ fn target() -> String {
     )
 }
 
-/// The same `cfg` that compiles `l4::splice` and `l4::zero_copy`.
+/// The same `cfg` that compiles `l4::splice` and the splice path of `l4::way`.
 fn l4_relay() -> &'static str {
     if cfg!(target_os = "linux") {
         "splice(2) zero-copy, pooled pipes"

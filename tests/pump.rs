@@ -22,8 +22,8 @@ use support_l4::{config, echo_round_trip, must, pipe_fds, EchoBackend, Prng};
 /// one at a time so neither starves the timing tests more than it must.
 static BULK: Mutex<()> = Mutex::new(());
 
-/// The listener line for a pump mode: `true` (splice, the default),
-/// `false` (buffered copy) or `"auto"` (splice for bulk transfers only).
+/// The listener line for a pump mode: `true` (splice), `false` (buffered
+/// copy) or `"auto"` (splice for bulk transfers only, the default).
 fn splice_line(splice: &str) -> String {
     format!("splice = {splice}")
 }
@@ -796,14 +796,19 @@ fn descriptor_exhaustion_is_not_blamed_on_the_backend() {
 /// ever opened for them) and still splices a bulk transfer.
 #[test]
 fn auto_splices_only_bulk_transfers() {
+    splices_only_bulk_transfers(&splice_line("\"auto\""));
+}
+
+/// Without a `splice` key a listener runs as `"auto"`.
+#[test]
+fn the_default_splices_only_bulk_transfers() {
+    splices_only_bulk_transfers("");
+}
+
+fn splices_only_bulk_transfers(listener_lines: &str) {
     let backend = EchoBackend::start();
     let front = free_addr();
-    let fg = Balancer::start(&config(
-        front,
-        &[backend.addr],
-        &splice_line("\"auto\""),
-        "",
-    ));
+    let fg = Balancer::start(&config(front, &[backend.addr], listener_lines, ""));
     let before = pipe_fds(fg.pid());
     let mut s = connect(front);
     for i in 0..200u32 {

@@ -4,11 +4,12 @@
 //! the next backend is tried, so a client sees no error while any is up.
 
 use std::future::Future;
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
 
 use super::{Backend, MemberSet};
@@ -83,7 +84,7 @@ pub async fn tcp(set: &MemberSet, backend: &Backend) -> Result<TcpStream, String
     let addr = backend.addr;
     let timeout = set.plan.connect_timeout;
     let started = Instant::now();
-    match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+    match tokio::time::timeout(timeout, connect_stream(addr)).await {
         Ok(Ok(stream)) => {
             backend
                 .metrics
@@ -98,6 +99,32 @@ pub async fn tcp(set: &MemberSet, backend: &Backend) -> Result<TcpStream, String
         Ok(Err(e)) => Err(format!("connect: {e}")),
         Err(_) => Err(format!("connect timed out after {timeout:?}")),
     }
+}
+
+/// A non-blocking connect. Unlike `TcpStream::connect`, which asks the
+/// socket for its error (`getsockopt(SO_ERROR)`) after every connect, it
+/// asks only when the readiness that ended the wait says something went
+/// wrong (EPOLLERR or EPOLLHUP): a syscall less on every new connection.
+async fn connect_stream(addr: SocketAddr) -> io::Result<TcpStream> {
+    let kind = socket2::Type::STREAM;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    let kind = kind.nonblocking().cloexec();
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), kind, None)?;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    socket.set_nonblocking(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    let stream = TcpStream::from_std(std::net::TcpStream::from(socket))?;
+    let ready = stream.ready(Interest::WRITABLE).await?;
+    if ready.is_error() || ready.is_write_closed() {
+        return Err(stream
+            .take_error()?
+            .unwrap_or_else(|| io::ErrorKind::ConnectionRefused.into()));
+    }
+    Ok(stream)
 }
 
 /// [`tcp`], then `header` (a PROXY protocol header) written before any

@@ -190,9 +190,11 @@ pub struct Listener {
     #[serde(default = "default_true")]
     pub keepalive: bool,
     /// Move bytes with splice(2) on Linux (`true`), through a buffer
-    /// (`false`), or splice bulk transfers only (`"auto"`).
+    /// (`false`), or splice bulk transfers only (`"auto"`, the default).
+    /// `None` when the key is absent, so that `check` can tell an offload
+    /// listener that sets it.
     #[serde(default)]
-    pub splice: crate::l4::SpliceMode,
+    pub splice: Option<crate::l4::SpliceMode>,
     /// Sources that must start their connections with a PROXY header.
     #[serde(default)]
     pub proxy_protocol: Option<ProxyProtocol>,

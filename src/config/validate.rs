@@ -177,7 +177,7 @@ pub fn validate(
                 nodelay: l.nodelay,
                 keepalive: l.keepalive,
             },
-            splice: l.splice,
+            splice: l.splice.unwrap_or_default(),
         });
     }
 
@@ -444,7 +444,7 @@ fn only_in(l: &schema::Listener, i: usize) -> Result<(), SemanticError> {
             return misplaced("route", "offload");
         }
     }
-    if l.mode == Offload && l.splice != crate::l4::SpliceMode::Always {
+    if l.mode == Offload && l.splice.is_some() {
         return misplaced("splice", "tcp and passthrough");
     }
     Ok(())
