@@ -35,7 +35,7 @@ thread_local! {
     static TLS_GATHER_BUF: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// The byte pumps' read buffer (l4/copy.rs between sockets, l4/relay.rs
+/// The byte pumps' read buffer (l4/way.rs between sockets, l4/relay.rs
 /// between any streams). One for both: neither calls the other.
 pub static PUMP: Scratch = Scratch(&PUMP_BUF);
 /// Received TLS bytes on their way through rustls (tls/server_stream.rs).

@@ -116,7 +116,7 @@ pub async fn accept_loop(
 
 /// Counts a connection in the listener's limit, its gauge and the
 /// process-wide drain tracker for as long as it lives.
-struct OpenConnection {
+pub(super) struct OpenConnection {
     listener_active: Arc<AtomicUsize>,
     gauge: IntGauge,
     _tracked: TrackedConnection,

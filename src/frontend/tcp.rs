@@ -228,8 +228,8 @@ mod tests {
         std::mem::size_of::<F>()
     }
 
-    /// The guard the accept loop hands over (`OpenConnection`, 40 bytes).
-    type Guard = [usize; 5];
+    /// The guard the accept loop hands over.
+    type Guard = super::super::accept::OpenConnection;
 
     /// A connection's task is allocated once, at its future's largest
     /// state, for the connection's whole life, and an idle device's L4 or

@@ -664,7 +664,7 @@ fn encrypt_into(
 
 /// One read of the socket. A read that does not fill `buf` emptied the
 /// socket's queue, so tokio is told to forget the readiness now rather
-/// than after one more read that fails (see `l4/copy.rs`).
+/// than after one more read that fails (see `l4/way.rs`).
 fn poll_read_socket(
     tcp: &TcpStream,
     cx: &mut Context<'_>,
