@@ -56,12 +56,17 @@ const INTERVAL_MS: u64 = 200;
 const PROCESS_LIFETIME: &str = "90";
 
 /// A tiny HTTP server for the management servers: one connection at a
-/// time, answers its name. On SIGTERM it closes its listening port, serves
-/// what the kernel had already accepted and exits, so a stop looks like a
-/// closed port to new connections, not a reset to accepted ones. It exits
-/// on its own after `lifetime` seconds.
+/// time, answers its name. On SIGTERM it stops like a server that loses no
+/// accepted connection: a socket filter on its listening socket drops new
+/// SYNs (the balancer's connect then fails and is retried elsewhere), the
+/// handshakes already under way complete, it serves everything the kernel
+/// has accepted, and only then closes the port. Closing at once would
+/// reset a connection that completed its handshake between the last
+/// accept and the close: the balancer has already forwarded the client's
+/// request on it, and no proxy can replay that. It exits on its own after
+/// `lifetime` seconds.
 const SERVER: &str = r#"
-import signal, socket, sys, time
+import ctypes, signal, socket, struct, sys, time
 port, name, lifetime = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
 body = (name + "\n").encode()
 resp = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
@@ -94,6 +99,12 @@ while not stop and time.time() < deadline:
     except (socket.timeout, InterruptedError):
         continue
     serve(c)
+# Classic BPF over the TCP header: drop a segment with SYN and not ACK.
+drop_syn = [(0x30, 0, 0, 13), (0x54, 0, 0, 0x12), (0x15, 0, 1, 0x02),
+            (0x06, 0, 0, 0), (0x06, 0, 0, 0xFFFFFFFF)]
+code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in drop_syn))
+s.setsockopt(socket.SOL_SOCKET, 26, struct.pack("HP", len(drop_syn), ctypes.addressof(code)))  # SO_ATTACH_FILTER
+time.sleep(0.005)  # handshakes under way on a veth complete in microseconds
 s.setblocking(False)
 while True:
     try:

@@ -212,11 +212,24 @@ pub struct NamedBackend {
 
 impl NamedBackend {
     pub fn start(name: &str) -> NamedBackend {
-        Self::start_on(name, free_addr())
+        // Bind here rather than trust a port `free_port` found free: a
+        // port can be taken between that check and this bind, and here a
+        // taken port costs only another try.
+        loop {
+            match TcpListener::bind(free_addr()) {
+                Ok(listener) => return Self::serve(name, listener),
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+                Err(e) => panic!("test backend bind: {e}"),
+            }
+        }
     }
 
     pub fn start_on(name: &str, addr: SocketAddr) -> NamedBackend {
-        let listener = TcpListener::bind(addr).unwrap();
+        Self::serve(name, TcpListener::bind(addr).unwrap())
+    }
+
+    fn serve(name: &str, listener: TcpListener) -> NamedBackend {
+        let addr = listener.local_addr().unwrap();
         listener.set_nonblocking(true).unwrap();
         let served = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
