@@ -65,6 +65,9 @@ struct Settings {
     idle_conns: usize,
     /// Leave the temp dir (configs, logs) behind for a look afterwards.
     keep_tmp: bool,
+    /// FLEETGATE_WORKERS: fleetgate's `worker_threads` (unset: its
+    /// default, one per core).
+    fleetgate_workers: Option<u64>,
 }
 
 impl Settings {
@@ -81,6 +84,10 @@ impl Settings {
             tests: tests_from_env()?,
             idle_conns: env_number("IDLE_CONNS", 9500)? as usize,
             keep_tmp: env_flag("KEEP_TMP", false),
+            fleetgate_workers: match env::var("FLEETGATE_WORKERS") {
+                Ok(_) => Some(env_number("FLEETGATE_WORKERS", 0)?),
+                Err(_) => None,
+            },
         })
     }
 
@@ -196,7 +203,10 @@ fn run() -> Result<()> {
         eprintln!("configs and logs kept in {}", dir.path().display());
     }
     let backends = targets::start_backends(dir.path())?;
-    let opts = ProxyOptions { fleetgate_bin };
+    let opts = ProxyOptions {
+        fleetgate_bin,
+        fleetgate_workers: settings.fleetgate_workers,
+    };
     let mut running = start_targets(&settings.targets, dir.path(), &backends, &opts);
     let ticks_per_sec = procs::clock_ticks_per_sec()?;
 
@@ -252,6 +262,11 @@ fn print_header(settings: &Settings, fleetgate_bin: &std::path::Path, fd_limit: 
         settings.idle_conns,
         names.join(", "),
         tests.join(","),
+    );
+    let workers = settings.fleetgate_workers;
+    println!(
+        "- fleetgate worker_threads: {} (HAProxy: nbthread 1)",
+        workers.map_or("default, one per core".to_string(), |n| n.to_string())
     );
     println!(
         "- passthrough: wrk to https://{}:PORT/ (the SNI every proxy routes on)",

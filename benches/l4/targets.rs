@@ -102,6 +102,9 @@ pub struct Running {
 /// What the proxies' configs can vary beyond ports and splice modes.
 pub struct ProxyOptions {
     pub fleetgate_bin: PathBuf,
+    /// fleetgate's `worker_threads`; None leaves the key out (one worker
+    /// per core).
+    pub fleetgate_workers: Option<u64>,
 }
 
 pub fn start_backends(dir: &Path) -> Result<Backends> {
@@ -245,6 +248,9 @@ fn proxy_command(
         Target::Fleetgate(splice) => {
             vars.push(("ADMIN_PORT", free_port()?.to_string()));
             vars.push(("SPLICE_LINE", splice.config_line().into()));
+            let workers = opts.fleetgate_workers;
+            let workers = workers.map_or(String::new(), |n| format!("worker_threads = {n}"));
+            vars.push(("WORKERS_LINE", workers));
             vars.push(("DATA_DIR", dir_str(&dir.join(format!("{name}-data")))));
             let conf = write_config(dir, &format!("{name}.toml"), FLEETGATE_TEMPLATE, &vars)?;
             let mut cmd = Command::new(&opts.fleetgate_bin);
