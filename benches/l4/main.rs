@@ -102,7 +102,8 @@ impl Settings {
         let per_run = self.secs + SETTLE.as_secs() + 1;
         let targets = self.targets.len() as u64;
         let runs = self.rounds as u64 * targets * self.tests.len() as u64;
-        let warm_up = targets * (2 * WARMUP_SECS + 2);
+        // Every round starts its proxies afresh and warms them up.
+        let warm_up = self.rounds as u64 * targets * (2 * WARMUP_SECS + 2);
         // Start, 1 s, opening (about 3,000 connections/s), 2 s, teardown.
         let idle = if self.idle_conns > 0 {
             self.rounds as u64 * (targets - 1) * (6 + self.idle_conns as u64 / 3000)
@@ -207,22 +208,29 @@ fn run() -> Result<()> {
         fleetgate_bin,
         fleetgate_workers: settings.fleetgate_workers,
     };
-    let mut running = start_targets(&settings.targets, dir.path(), &backends, &opts);
     let ticks_per_sec = procs::clock_ticks_per_sec()?;
 
-    if !settings.tests.is_empty() {
-        warm_up(&mut running);
-    }
     let mut samples = Samples::default();
     for round in 0..settings.rounds {
-        run_round(
-            round,
-            &settings,
-            &mut running,
-            &backends,
-            ticks_per_sec,
-            &mut samples,
-        );
+        if !settings.tests.is_empty() {
+            // Fresh proxies every round: where the scheduler places a
+            // proxy's threads next to wrk and the origin on a small
+            // machine holds for a process's life and moved a proxy's CPU
+            // per request by up to 20 % from one start to the next, so
+            // the median over rounds must sample starts, not only runs.
+            let instance = format!("-r{round}");
+            let mut running =
+                start_targets(&settings.targets, &instance, dir.path(), &backends, &opts);
+            warm_up(&mut running);
+            run_round(
+                round,
+                &settings,
+                &mut running,
+                &backends,
+                ticks_per_sec,
+                &mut samples,
+            );
+        }
         if settings.idle_conns > 0 {
             idle_round(round, &settings, dir.path(), &backends, &opts, &mut samples);
         }
@@ -284,13 +292,14 @@ fn print_header(settings: &Settings, fleetgate_bin: &std::path::Path, fd_limit: 
 /// reads n/a.
 fn start_targets(
     wanted: &[Target],
+    instance: &str,
     dir: &std::path::Path,
     backends: &Backends,
     opts: &ProxyOptions,
 ) -> Vec<Running> {
     let mut running = Vec::new();
     for &target in wanted {
-        match targets::start(target, "", dir, backends, opts) {
+        match targets::start(target, instance, dir, backends, opts) {
             Ok(r) => running.push(r),
             Err(e) => eprintln!("warning: {} left out: {e:#}", target.label()),
         }

@@ -193,6 +193,32 @@ impl Samples {
             Combine::Sum => samples.iter().sum(),
         })
     }
+
+    /// The lowest and highest of `a` ÷ `b` round by round (round i of one
+    /// against round i of the other), for a median figure measured in
+    /// every round of both: the noise band to read the median ratio
+    /// against. None with a single round or a missing sample.
+    pub fn ratio_range(&self, a: Target, b: Target, figure: Figure) -> Option<(f64, f64)> {
+        if figure.info().combine != Combine::Median {
+            return None;
+        }
+        let (xs, ys) = (
+            self.values.get(&(a, figure))?,
+            self.values.get(&(b, figure))?,
+        );
+        if xs.len() < 2 || xs.len() != ys.len() {
+            return None;
+        }
+        let ratios = xs
+            .iter()
+            .zip(ys)
+            .filter(|(_, &y)| y != 0.0)
+            .map(|(x, y)| x / y);
+        ratios.fold(None, |range, r| match range {
+            None => Some((r, r)),
+            Some((lo, hi)) => Some((f64::min(lo, r), f64::max(hi, r))),
+        })
+    }
 }
 
 /// The ratio columns: every fleetgate instance against HAProxy, and the
@@ -232,10 +258,11 @@ pub fn proxy_table(samples: &Samples, proxies: &[Target]) -> String {
             row.push(format_value(samples.value(target, figure), info.decimals));
         }
         for &(a, b) in &pairs {
-            row.push(format_ratio(
-                samples.value(a, figure),
-                samples.value(b, figure),
-            ));
+            let mut cell = format_ratio(samples.value(a, figure), samples.value(b, figure));
+            if let Some((lo, hi)) = samples.ratio_range(a, b, figure) {
+                cell.push_str(&format!(" ({lo:.2}–{hi:.2})"));
+            }
+            row.push(cell);
         }
         rows.push(row);
     }
@@ -267,7 +294,10 @@ pub fn notes(rounds: u32, idle_conns: usize) -> String {
          is better: requests/s, connections/s, Gbit/s) a ratio above 1 favours \
          fleetgate. On ↓ rows (lower is better: latency, CPU per \
          request/connection/GB, RSS, errors) the ratio is still fleetgate ÷ other, \
-         so there a ratio below 1 favours fleetgate.\n\
+         so there a ratio below 1 favours fleetgate. With more than one round, \
+         a ratio is followed by the lowest and highest of the per-round ratios \
+         (round i of one proxy against round i of the other): a median ratio \
+         inside a band that spans 1 is not a difference this run can show.\n\
          - \"proxy CPU\" is the proxy process's own utime+stime. \"machine CPU\" \
          is the busy time of all CPUs from /proc/stat (user, nice, system, irq, \
          softirq, steal) over the run: proxy, server, load generator and the \
@@ -284,7 +314,8 @@ pub fn notes(rounds: u32, idle_conns: usize) -> String {
          processes\" is the machine's busy time without irq/softirq minus proxy, \
          server and load generator, over all runs: well above 0 means the figures \
          were taken on a shared, noisy machine.\n\
-         - Each value is the median of {rounds} rounds, except RSS under load (max \
+         - Every round starts each proxy afresh. Each value is the median of \
+         {rounds} rounds, except RSS under load (max \
          of all samples, taken at the end of every run) and wrk errors (sum over \
          all runs).\n\
          - Idle L4 connection: per round a freshly started proxy, VmRSS 1 s after \
