@@ -16,6 +16,7 @@ pub mod drain;
 pub mod frontend;
 pub mod host_match;
 pub mod http;
+pub mod huge_pages;
 pub mod l4;
 pub mod logging;
 pub mod metrics;

@@ -15,7 +15,8 @@
 //! Knobs (environment): `CHANNELS` (9500; the process limit here is 20,000
 //! descriptors), `HOLD` (seconds the channels are held and read, 75: two
 //! rounds of the module's 30 s pings, for the steady figure),
-//! `CONCURRENCY` (simulator workers, 64), `FLEETGATE_BIN` (another build),
+//! `CONCURRENCY` (simulator workers, 64), `THP` (`0`: the balancer runs
+//! with `transparent_huge_pages = false`), `FLEETGATE_BIN` (another build),
 //! `KEEP_TMP=1` (keep the config and logs).
 
 use std::fs::File;
@@ -37,6 +38,9 @@ struct Settings {
     concurrency: usize,
     bin: PathBuf,
     keep_tmp: bool,
+    /// THP=0 writes `transparent_huge_pages = false`; unset or 1 keeps the
+    /// default.
+    huge_pages: bool,
 }
 
 impl Settings {
@@ -58,6 +62,7 @@ impl Settings {
                 .map(PathBuf::from)
                 .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_fleetgate"))),
             keep_tmp: std::env::var("KEEP_TMP").is_ok_and(|v| v != "0" && !v.is_empty()),
+            huge_pages: std::env::var("THP").map_or(true, |v| v != "0"),
         };
         if s.channels == 0 || s.concurrency == 0 || s.hold.is_zero() {
             bail!("CHANNELS, CONCURRENCY and HOLD must be at least 1");
@@ -124,11 +129,12 @@ fn healthy(admin: SocketAddr) -> bool {
     answer.starts_with("HTTP/1.1 200")
 }
 
-fn config(dir: &Path, front: u16, admin: u16) -> String {
+fn config(dir: &Path, front: u16, admin: u16, huge_pages: bool) -> String {
     format!(
         r#"[global]
 data_dir = "{data}"
 log_level = "warn"
+transparent_huge_pages = {huge_pages}
 
 [admin]
 bind = "127.0.0.1:{admin}"
@@ -193,7 +199,7 @@ fn run() -> Result<()> {
     let front = free_port(0)?;
     let admin = free_port(front)?;
     let cfg = dir.path().join("fleetgate.toml");
-    std::fs::write(&cfg, config(dir.path(), front, admin))?;
+    std::fs::write(&cfg, config(dir.path(), front, admin, s.huge_pages))?;
     let log = File::create(dir.path().join("fleetgate.log"))?;
     let fg = Guard(
         Command::new(&s.bin)
@@ -220,10 +226,11 @@ fn run() -> Result<()> {
     println!("# fleetgate idle command channels\n");
     println!("- fleetgate: {}", s.bin.display());
     println!(
-        "- CHANNELS={} HOLD={}s CONCURRENCY={}",
+        "- CHANNELS={} HOLD={}s CONCURRENCY={} transparent_huge_pages={}",
         s.channels,
         s.hold.as_secs(),
-        s.concurrency
+        s.concurrency,
+        s.huge_pages
     );
     let mut r = Readings {
         fresh: rss(pid)?,

@@ -20,6 +20,7 @@ pub struct Plan {
     pub drain_notice: Duration,
     pub worker_threads: usize,
     pub cpu_affinity: crate::workers::CpuAffinity,
+    pub transparent_huge_pages: bool,
     pub admin_bind: SocketAddr,
     pub listeners: Vec<ListenerPlan>,
     pub pools: Vec<PoolPlan>,

@@ -104,6 +104,9 @@ pub struct Global {
     /// CPUs the connection workers are pinned to.
     #[serde(default)]
     pub cpu_affinity: crate::workers::CpuAffinity,
+    /// Whether the heap may use transparent huge pages (src/huge_pages.rs).
+    #[serde(default = "default_true")]
+    pub transparent_huge_pages: bool,
     /// Where modules keep their files; relative to the config file.
     #[serde(default = "default_data_dir")]
     pub data_dir: String,
@@ -125,6 +128,7 @@ impl Default for Global {
             drain_notice: ConfigDuration::default(),
             worker_threads: 0,
             cpu_affinity: Default::default(),
+            transparent_huge_pages: true,
             data_dir: default_data_dir(),
             descriptor_reserve: None,
             control_socket: None,

@@ -195,6 +195,7 @@ pub fn validate(
         drain_notice: file.global.drain_notice.0,
         worker_threads: file.global.worker_threads,
         cpu_affinity: file.global.cpu_affinity.clone(),
+        transparent_huge_pages: file.global.transparent_huge_pages,
         admin_bind,
         listeners,
         pools,

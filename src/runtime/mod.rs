@@ -162,6 +162,7 @@ impl Runtime {
             }
         };
         let tracker = Arc::new(ConnectionTracker::default());
+        crate::huge_pages::apply(plan.transparent_huge_pages);
         let workers = Workers::start(Workers::count(plan.worker_threads), &plan.cpu_affinity)
             .context("starting connection workers")?;
         let applied = Mutex::new(Applied {

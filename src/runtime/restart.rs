@@ -48,6 +48,15 @@ pub fn needs_restart(old: &Plan, new: &Plan) -> Result<(), String> {
             &format_args!("{} → {}", old.worker_threads, new.worker_threads),
         );
     }
+    if old.transparent_huge_pages != new.transparent_huge_pages {
+        return refuse(
+            "[global] transparent_huge_pages",
+            &format_args!(
+                "{} → {}",
+                old.transparent_huge_pages, new.transparent_huge_pages
+            ),
+        );
+    }
     if old.cpu_affinity != new.cpu_affinity {
         return refuse(
             "[global] cpu_affinity",
