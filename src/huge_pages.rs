@@ -28,8 +28,8 @@ pub fn apply(enabled: bool) {
     tracing::warn!("transparent_huge_pages = false has no effect on this platform");
 }
 
-/// Whether huge pages are off for this process (Linux), for the status
-/// and the tests.
+/// Whether huge pages are off for this process (Linux; None elsewhere or
+/// when the kernel does not say).
 pub fn disabled() -> Option<bool> {
     #[cfg(any(target_os = "linux", target_os = "android"))]
     {
